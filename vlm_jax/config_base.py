@@ -1,0 +1,42 @@
+"""Shared pieces of the `configs/<family>.py` files (big_vision style `get_config(arg)`).
+
+`base_config()` holds every trainer field with its default and a comment; model files fill in
+`model_name`, `model`, `data`, `trainable` and their presets. `check_preset` gives the one error message
+for an unknown preset.
+"""
+
+import ml_collections
+
+
+def check_preset(arg: str | None, presets, file: str) -> str:
+  preset = (arg or "default").strip()
+  if preset not in presets:
+    raise ValueError(f"{file}: unknown preset {preset!r} (the text after ':' in --config); "
+                     f"expected one of {sorted(presets)}")
+  return preset
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "train"                 # stage name, used in log lines
+  c.seed = 0                       # init and step RNG seed
+  c.model_name = ""                # vlm_jax.models.<model_name>.Model(**model)
+  c.model = ml_collections.ConfigDict()
+  c.loss = "next_token_ce"         # vlm_jax.train.losses
+  c.trainable = ".*"               # regex over param paths; the rest is frozen
+  c.frozen_param_dtype = ""        # e.g. "bfloat16" to keep frozen towers in bf16; "" = as initialised
+  c.batch_size = 32                # global batch size (all processes)
+  c.total_steps = 1000
+  c.log_every = 50                 # one progress line + TensorBoard scalars every N steps
+  c.eval_every = 0                 # periodic evaluation (0 = only at the end)
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 = remaining devices
+  c.sharding_rules = ml_collections.FieldReference(None, field_type=list)   # None = sharding.DEFAULT_RULES
+  c.optimizer = ml_collections.ConfigDict(dict(
+    name="adamw", learning_rate=1e-4, schedule="constant", warmup_steps=0, total_steps=c.get_ref(
+      "total_steps"), b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, weight_decay_regex="",
+    grad_clip_norm=1.0, trainable_rows={}, end_lr_fraction=0.0))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, max_to_keep=3, async_save=True))
+  c.data = ml_collections.ConfigDict()
+  c.evals = ml_collections.ConfigDict()
+  c.init = ml_collections.ConfigDict({"stage": None, "stage_prefix": ""})
+  return c

@@ -1,0 +1,151 @@
+"""Evaluators run periodically inside training and at its end; built from `config.evals`.
+
+`config.evals` maps a name to a dict with `type` and options; each evaluator returns metrics named
+`eval/<metric><suffix>`. Types:
+- `synthetic_vqa`: accuracy of the next token after "<image>Question: ... Answer:" on held-out synthetic
+  images (colour and shape questions; answers are single tokens, the argmax is over the whole vocab).
+  `zero_params` (regex) zeroes matching params first: with `xattn_\\d+/(attn|ff)_gate` it evaluates the same
+  model with every tanh gate forced to 0, i.e. the bare LM, which can only guess.
+- `loss`: mean next-token cross-entropy and token accuracy over held-out batches of `config.data`.
+"""
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from vlm_jax import sharding
+from vlm_jax.data.images import stack_images
+from vlm_jax.data.interleaved import encode_prompt
+from vlm_jax.data.pipeline import make_dataset
+from vlm_jax.data.synthetic import SyntheticSource
+from vlm_jax.data.tokenizer import load_tokenizer
+from vlm_jax.train.losses import get_loss
+from vlm_jax.train.state import flatten, unflatten
+
+
+def zero_matching(params: Any, regex: str | None) -> Any:
+  """Params with every leaf whose path matches `regex` replaced by zeros."""
+  if not regex:
+    return params
+  pattern = re.compile(regex)
+  flat = flatten(params)
+  hits = [k for k in flat if pattern.search(k)]
+  if not hits:
+    raise ValueError(f"evals.*.zero_params={regex!r} matches no parameter")
+  return unflatten({k: (jnp.zeros_like(v) if k in hits else v) for k, v in flat.items()})
+
+
+def _pad_batch(arrays: list[np.ndarray], size: int) -> np.ndarray:
+  """Stack and pad to `size` rows by repeating the last row (its result is discarded)."""
+  out = np.stack(arrays)
+  if len(out) < size:
+    out = np.concatenate([out, np.repeat(out[-1:], size - len(out), 0)])
+  return out
+
+
+class SyntheticVQA:
+  """Next-token answer accuracy on the held-out synthetic VQA split (+ per question type)."""
+
+  def __init__(self, name: str, cfg, config, model, mesh, rules):
+    self.name, self.mesh = name, mesh
+    self.suffix = cfg.get("suffix", "")
+    self.zero_params = cfg.get("zero_params")
+    self.batch_size = int(cfg.get("batch_size", 64))
+    data = config.data
+    tok = load_tokenizer(data.tokenizer)
+    source = SyntheticSource("vqa", split="eval", num_records=int(cfg.num_examples),
+                             image_size=data.image_size, max_images=1, seed=data.seed)
+    ids, lengths, images, answers, kinds = [], [], [], [], []
+    for i in range(len(source)):
+      rec = source[i]
+      x, n = encode_prompt(tok, rec["prompt"], data.max_text_len)
+      answer_id = tok.token_to_id(rec["answer"])
+      if answer_id is None:
+        raise ValueError(f"answer {rec['answer']!r} is not a single token of {data.tokenizer}")
+      ids.append(x)
+      lengths.append(n)
+      images.append(stack_images(rec["images"], 1, data.image_size)[0])
+      answers.append(answer_id)
+      kinds.append(rec["question_type"])
+    self.ids, self.lengths = np.stack(ids), np.asarray(lengths)
+    self.images, self.answers, self.kinds = np.stack(images), np.asarray(answers), np.asarray(kinds)
+
+    def predict(params, vision_x, input_ids, attention_mask, last):
+      logits, _ = model.apply({"params": params}, vision_x, input_ids, attention_mask)
+      return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0].argmax(-1)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      self._predict = jax.jit(predict)
+    self._rules = rules
+
+  def run(self, params) -> dict[str, float]:
+    params = zero_matching(params, self.zero_params)
+    n, bs = len(self.ids), self.batch_size
+    preds = []
+    for s in range(0, n, bs):
+      sl = slice(s, min(n, s + bs))
+      local = {
+        "vision_x": _pad_batch(list(self.images[sl]), bs),
+        "input_ids": _pad_batch(list(self.ids[sl]), bs),
+        "attention_mask": _pad_batch(list((self.ids[sl] != 0).astype(np.int32)), bs),
+        "last": _pad_batch(list(self.lengths[sl] - 1), bs),
+      }
+      batch = sharding.global_batch(local, self.mesh)
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self._rules):
+        out = self._predict(params, batch["vision_x"], batch["input_ids"], batch["attention_mask"],
+                            batch["last"])
+      preds.append(np.asarray(jax.device_get(out))[: sl.stop - sl.start])
+    correct = np.concatenate(preds) == self.answers
+    res = {f"eval/accuracy{self.suffix}": float(correct.mean())}
+    for kind in np.unique(self.kinds):
+      res[f"eval/accuracy_{kind}{self.suffix}"] = float(correct[self.kinds == kind].mean())
+    return res
+
+
+class HeldOutLoss:
+  """Mean next-token CE over `num_batches` held-out batches of `config.data`."""
+
+  def __init__(self, name: str, cfg, config, model, mesh, rules):
+    self.name, self.mesh, self.rules = name, mesh, rules
+    self.suffix = cfg.get("suffix", "")
+    self.num_batches = int(cfg.get("num_batches", 4))
+    self.config = config
+    loss_fn = get_loss(config.loss)
+
+    def eval_loss(params, batch):
+      logits, _ = model.apply({"params": params}, **batch["inputs"])
+      loss, aux = loss_fn(logits, batch["labels"])
+      return loss * aux["num_tokens"], aux["num_tokens"], aux["correct"]
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      self._eval = jax.jit(eval_loss)
+
+  def run(self, params) -> dict[str, float]:
+    ds = make_dataset(self.config.data, split="eval",
+                      batch_size=self.config.batch_size // jax.process_count(), repeat=False)
+    total, count, correct = 0.0, 0, 0
+    for i, local in enumerate(ds):
+      if i >= self.num_batches:
+        break
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        s, c, k = jax.device_get(self._eval(params, sharding.global_batch(local, self.mesh)))
+      total, count, correct = total + float(s), count + int(c), correct + int(k)
+    return {f"eval/loss{self.suffix}": total / max(count, 1),
+            f"eval/token_accuracy{self.suffix}": correct / max(count, 1)}
+
+
+EVALUATORS = {"synthetic_vqa": SyntheticVQA, "loss": HeldOutLoss}
+
+
+def build_evaluators(config, model, mesh, rules) -> list:
+  out = []
+  for name, cfg in sorted(dict(config.get("evals") or {}).items()):
+    kind = cfg.get("type")
+    if kind not in EVALUATORS:
+      raise ValueError(f"config.evals.{name}.type={kind!r} is not one of {sorted(EVALUATORS)}")
+    out.append(EVALUATORS[kind](name, cfg, config, model, mesh, rules))
+  return out

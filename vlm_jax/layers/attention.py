@@ -1,0 +1,149 @@
+"""Multi-head self-attention: GQA, RoPE, causal/padding masks, a functional KV cache, optional probs out.
+
+  Attention(Q, K, V) = softmax(Q K^T / sqrt(d) + mask) V
+
+`dot_product_attention` is the one attention kernel of the library: it calls
+`jax.nn.dot_product_attention` (cuDNN/flash on GPU) unless the caller needs the attention probabilities,
+in which case it computes the logits explicitly (softmax in float32). Masks are boolean, True = may attend.
+
+The KV cache is explicit state (`KVCache`) passed in and returned, so modules stay pure: a call with a
+cache writes this call's keys/values at `cache.index` and attends over the whole preallocated buffer.
+"""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.layers.linear import dense
+from vlm_jax.layers.rope import apply_rope
+
+Dtype = Any
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated keys/values of one attention layer.
+
+  k, v: float[B, S_max, K, D]; index: int32[] = number of positions already written.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32):
+    shape = (batch, max_len, num_kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def causal_padding_mask(
+  attention_mask: jax.Array, *, q_offset: jax.Array | int = 0, num_queries: int | None = None
+) -> jax.Array:
+  """Causal AND key-padding mask.
+
+  attention_mask: int/bool[B, S] (1 = real key). Queries are positions q_offset .. q_offset+T-1 of the
+  key axis (T = num_queries, default S). Returns bool[B, 1, T, S].
+  """
+  s = attention_mask.shape[-1]
+  t = s if num_queries is None else num_queries
+  q_pos = jnp.arange(t)[:, None] + q_offset
+  k_pos = jnp.arange(s)[None, :]
+  causal = k_pos <= q_pos  # [T, S]
+  return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+
+
+def dot_product_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None = None,
+  *,
+  bias: jax.Array | None = None,
+  scale: float | None = None,
+  return_probs: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+  """q: float[B, T, N, D]; k, v: float[B, S, K, D] with N % K == 0 (GQA); mask: bool[B, 1|N, T, S];
+  bias: float[B|1, N, T, S] added to the logits (ALiBi). Returns (out float[B, T, N, D],
+  probs float32[B, N, T, S] or None). Masked logits get the most negative finite value (never -inf, so
+  all-masked rows stay finite; callers zero them where the method says so)."""
+  b, t, n, d = q.shape
+  kh = k.shape[2]
+  if n % kh:
+    raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({kh})")
+  scale = d**-0.5 if scale is None else scale
+  if not return_probs and bias is None:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    return out, None
+  g = n // kh
+  qg = q.reshape(b, t, kh, g, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  logits = logits.reshape(b, n, t, -1)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  pg = probs.reshape(b, kh, g, t, -1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", pg, v).reshape(b, t, n, d)
+  return out, probs
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with grouped KV heads and optional RoPE.
+
+  Params: q: [embed, heads, kv], k/v: [embed, kv_heads, kv], o: [heads, kv, embed].
+  __call__(x: float[B, T, E], mask: bool[B, 1, T, S], positions: int[B, T], cache: KVCache | None)
+    -> (out float[B, T, E], aux) with aux = {"cache": updated cache or None, "probs": float32[B, N, T, S]
+    when return_probs}. Without a cache S = T.
+  """
+
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int | None = None
+  qkv_bias: bool = False
+  out_bias: bool = False
+  rope_theta: float | None = 10000.0
+  rotary_dim: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    mask: jax.Array | None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    *,
+    bias: jax.Array | None = None,
+    return_probs: bool = False,
+  ) -> tuple[jax.Array, dict]:
+    kvh = self.num_kv_heads or self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), use_bias=self.qkv_bias,
+              name="q", **kw)(x)
+    k = dense((kvh, self.head_dim), ("embed", "kv_heads", "kv"), use_bias=self.qkv_bias, name="k",
+              **kw)(x)
+    v = dense((kvh, self.head_dim), ("embed", "kv_heads", "kv"), use_bias=self.qkv_bias, name="v",
+              **kw)(x)
+    if self.rope_theta is not None:
+      if positions is None:
+        offset = 0 if cache is None else cache.index
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]) + offset, x.shape[:2])
+      q = apply_rope(q, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
+      k = apply_rope(k, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
+    new_cache = None
+    if cache is not None:
+      start = (0, cache.index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+      cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+      new_cache = KVCache(ck, cv, cache.index + x.shape[1])
+      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+    out, probs = dot_product_attention(q, k, v, mask, bias=bias, return_probs=return_probs)
+    out = dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), use_bias=self.out_bias,
+                name="o", **kw)(out)
+    return out, {"cache": new_cache, "probs": probs}

@@ -1,0 +1,105 @@
+"""Tanh-gated cross-attention dense block (Flamingo GATED XATTN-DENSE; OpenFlamingo
+`GatedCrossAttentionBlock` / `MaskedCrossAttention`).
+
+  y = y + tanh(alpha_attn) * XAttn(LN(y), media)
+  y = y + tanh(alpha_ff)   * FFW(y)
+
+with alpha initialised to 0, so a freshly inserted block is the identity and the frozen LM's outputs are
+unchanged at initialisation.
+
+Media masking (OpenFlamingo, `only_attend_immediate_media=True`): with
+  text_time[t]  = cumsum(input_ids == <image>)[t]     (the <image> token itself sees its own image)
+  media_time[m] = m + 1
+text token t may attend to the R latents of image m iff text_time[t] == media_time[m] (`>=` with
+`only_attend_immediate_media=False`, i.e. attend to all previous images). Tokens before the first <image>
+(text_time = 0) get exactly zero attention output; they still pass through the gated FFW. Zero-padded image
+slots beyond the number of <image> tokens have media_time > max(text_time) and are never attended.
+
+For decoding after a cached prompt, `text_time` can be given directly (OpenFlamingo's cached-media mode:
+every new token attends to the last prompt image).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.layers.attention import dot_product_attention
+from vlm_jax.layers.linear import dense
+from vlm_jax.layers.mlp import FeedForward
+from vlm_jax.layers.norms import LayerNorm
+
+Dtype = Any
+
+
+def media_text_time(media_locations: jax.Array) -> jax.Array:
+  """bool[B, T_txt] (True at <image> tokens) -> int32[B, T_txt]: index (1-based) of the latest image."""
+  return jnp.cumsum(media_locations.astype(jnp.int32), axis=-1)
+
+
+def media_attention_mask(
+  text_time: jax.Array, num_media: int, only_attend_immediate_media: bool = True
+) -> jax.Array:
+  """text_time: int[B, T_txt] -> bool[B, T_txt, T_img]: which image each text token may attend to."""
+  media_time = jnp.arange(num_media, dtype=text_time.dtype) + 1
+  if only_attend_immediate_media:
+    return text_time[..., None] == media_time
+  return text_time[..., None] >= media_time
+
+
+class MaskedCrossAttention(nn.Module):
+  """x: float[B, T_txt, D] attends to media float[B, T_img, R, Dv] -> (float[B, T_txt, D], aux)."""
+
+  heads: int = 8
+  dim_head: int = 64
+  only_attend_immediate_media: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, media: jax.Array, text_time: jax.Array) -> tuple[jax.Array, dict]:
+    b, t_txt, d = x.shape
+    _, t_img, r, dv = media.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    hd = (self.heads, self.dim_head)
+    x = LayerNorm(name="norm", **kw)(x)
+    q = dense(hd, ("embed", "heads", "kv"), name="q", **kw)(x)
+    media_flat = media.reshape(b, t_img * r, dv).astype(self.dtype)
+    k = dense(hd, ("embed", "heads", "kv"), name="k", **kw)(media_flat)
+    v = dense(hd, ("embed", "heads", "kv"), name="v", **kw)(media_flat)
+    allowed = media_attention_mask(text_time, t_img, self.only_attend_immediate_media)
+    has_media = allowed.any(-1)  # [B, T_txt]; False before the first <image>
+    # Rows that may see no image would be all-masked; let them attend anywhere (finite on every
+    # backend, cuDNN included) and zero their output below, as OpenFlamingo zeroes their probs.
+    allowed = allowed | ~has_media[..., None]
+    mask = jnp.repeat(allowed, r, axis=-1)[:, None]  # [B, 1, T_txt, T_img * R]
+    out, _ = dot_product_attention(q, k, v, mask)
+    out = jnp.where(has_media[..., None, None], out, jnp.zeros_like(out))
+    out = dense(d, ("heads", "kv", "embed"), axis=(-2, -1), name="o", **kw)(out)
+    return out, {"media_mask": allowed & has_media[..., None]}
+
+
+class GatedCrossAttentionBlock(nn.Module):
+  """y: float[B, T_txt, D], media: float[B, T_img, R, Dv], text_time: int[B, T_txt] -> (y', aux)."""
+
+  heads: int = 8
+  dim_head: int = 64
+  ff_mult: int = 4
+  act: str = "gelu"
+  only_attend_immediate_media: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y: jax.Array, media: jax.Array, text_time: jax.Array) -> tuple[jax.Array, dict]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,))
+    attn_gate = self.param("attn_gate", gate_init, (1,), self.param_dtype)
+    ff_gate = self.param("ff_gate", gate_init, (1,), self.param_dtype)
+    attn_out, aux = MaskedCrossAttention(
+      self.heads, self.dim_head, self.only_attend_immediate_media, name="attn", **kw
+    )(y, media, text_time)
+    y = y + attn_out * jnp.tanh(attn_gate).astype(self.dtype)
+    y = y + FeedForward(self.ff_mult, self.act, name="ff", **kw)(y) * jnp.tanh(ff_gate).astype(self.dtype)
+    return y, aux

@@ -1,0 +1,72 @@
+"""Dense projections with logical axis names on their params.
+
+Every projection in the library is a `DenseGeneral` so that each kernel carries the logical axis names
+(`embed`, `mlp`, `heads`, `kv`, ...) that `vlm_jax.sharding` maps onto mesh axes. Kernels are created at
+their true shape `[in..., out...]` (e.g. `q: [embed, heads, kv]`), so sharding sees the heads axis;
+converters transpose and reshape PyTorch's `[out, in]`. (flax's own DenseGeneral creates a flat kernel and
+reshapes it, which breaks rank-3 logical annotations under a mesh.)
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
+  return (x,) if isinstance(x, int) else tuple(x)
+
+
+class DenseGeneral(nn.Module):
+  """y = x . W (+ b) contracting `axis` of x with the leading dims of W.
+
+  x: float[..., *in]; kernel: [*in, *features]; y: float[..., *features]. Init: truncated normal with
+  variance 1 / fan_in (LeCun), fan_in = prod(in).
+  """
+
+  features: int | Sequence[int]
+  names: Sequence[str | None]
+  axis: int | Sequence[int] = -1
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = _as_tuple(self.features)
+    axis = tuple(a % x.ndim for a in _as_tuple(self.axis))
+    in_shape = tuple(x.shape[a] for a in axis)
+    n_in = len(in_shape)
+    if len(self.names) != n_in + len(features):
+      raise ValueError(f"{self.name}: {len(self.names)} axis names for a kernel of rank "
+                       f"{n_in + len(features)}")
+    init = nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+      out_axis=tuple(range(n_in, n_in + len(features))))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.names)),
+                        in_shape + features, self.param_dtype)
+    contract = (axis, tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    # dot_general puts the free dims of x first, in order, then the kernel's output dims.
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), tuple(self.names[n_in:])), features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(
+  features: int | Sequence[int],
+  names: Sequence[str | None],
+  *,
+  axis: int | Sequence[int] = -1,
+  use_bias: bool = False,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  name: str | None = None,
+) -> DenseGeneral:
+  """Shorthand used by every layer: `dense((heads, head_dim), ("embed", "heads", "kv"), name="q")`."""
+  return DenseGeneral(features, tuple(names), axis, use_bias, dtype, param_dtype, name=name)

@@ -1,0 +1,66 @@
+"""Normalisation layers: LayerNorm (CLIP, Perceiver, xattn; torch default eps 1e-5) and RMSNorm (LLaMA).
+
+Both compute in float32 regardless of the compute dtype (statistics in bf16 lose too much precision) and
+cast back. Params carry the logical axis name `embed`.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class LayerNorm(nn.Module):
+  """y = (x - mean) / sqrt(var + eps) * scale + bias over the last axis.  x: float[..., D]."""
+
+  epsilon: float = 1e-5
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (d,),
+      self.param_dtype)
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    if self.use_bias:
+      bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)), (d,),
+        self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale (LLaMA; HF `LlamaRMSNorm`).  x: float[..., D]."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (d,),
+      self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(kind: str, **kwargs) -> nn.Module:
+  """Build a norm by name (`layernorm` | `rmsnorm`); an unknown name fails with the accepted ones."""
+  if kind == "layernorm":
+    return LayerNorm(**kwargs)
+  if kind == "rmsnorm":
+    return RMSNorm(**kwargs)
+  raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")

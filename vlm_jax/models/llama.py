@@ -1,0 +1,124 @@
+"""LLaMA-family decoder LM (Touvron et al. 2023; HF `LlamaForCausalLM`): RMSNorm, RoPE, GQA, SwiGLU.
+
+  h_0 = E[input_ids]
+  h = h + Attn(RMSNorm(h), causal & padding mask, RoPE(positions));  h = h + SwiGLU(RMSNorm(h))
+  logits = RMSNorm(h_L) W_out            (W_out = E^T when tie_embeddings)
+
+`before_layer(i, h) -> h` is a hook run before decoder layer i; Flamingo inserts its gated xattn blocks
+through it (OpenFlamingo's `FlamingoLayer`: xattn first, then the LM's own decoder layer).
+With `caches` (one `KVCache` per layer) the call appends this call's keys/values and `attention_mask`
+covers the whole cache (`[B, S_max]`, 1 = a real key), as in HF generation.
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.layers.attention import KVCache, SelfAttention, causal_padding_mask
+from vlm_jax.layers.embeddings import token_embed
+from vlm_jax.layers.linear import dense
+from vlm_jax.layers.mlp import SwiGlu
+from vlm_jax.layers.norms import RMSNorm
+
+Dtype = Any
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm decoder layer.  x: float[B, T, D] -> (float[B, T, D], aux)."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float
+  norm_eps: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, positions, cache=None, return_probs=False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = RMSNorm(self.norm_eps, name="input_norm", **kw)(x)
+    h, aux = SelfAttention(self.num_heads, self.head_dim, self.num_kv_heads, rope_theta=self.rope_theta,
+                           name="attn", **kw)(h, mask, positions, cache, return_probs=return_probs)
+    x = x + h
+    h = RMSNorm(self.norm_eps, name="post_attn_norm", **kw)(x)
+    x = x + SwiGlu(self.mlp_dim, name="mlp", **kw)(h)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x, aux
+
+
+class Model(nn.Module):
+  """input_ids: int32[B, T], attention_mask: int[B, T] -> (logits float32[B, T, V], aux)."""
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  mlp_dim: int = 11008
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ValueError(f"lm.hidden_size ({self.hidden_size}) must be divisible by lm.num_heads "
+                       f"({self.num_heads})")
+    if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+      raise ValueError(f"lm.num_heads ({self.num_heads}) must be a multiple of lm.num_kv_heads "
+                       f"({self.num_kv_heads})")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    caches: Sequence[KVCache] | None = None,
+    before_layer: Callable[[int, jax.Array], jax.Array] | None = None,
+    return_probs: bool = False,
+  ) -> tuple[jax.Array, dict]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, t = input_ids.shape
+    offset = 0 if caches is None else caches[0].index
+    if attention_mask is None:
+      s = t if caches is None else caches[0].k.shape[1]
+      attention_mask = jnp.ones((b, s), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t) + offset, (b, t))
+    mask = causal_padding_mask(attention_mask, q_offset=offset, num_queries=t)
+    embed = token_embed(self.vocab_size, self.hidden_size, name="embed", **kw)
+    x = embed(input_ids)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    head_dim = self.head_dim or self.hidden_size // self.num_heads
+    kv_heads = self.num_kv_heads or self.num_heads
+    new_caches, probs = [], []
+    for i in range(self.num_layers):
+      if before_layer is not None:
+        x = before_layer(i, x)
+      x, aux = DecoderLayer(self.num_heads, kv_heads, head_dim, self.mlp_dim, self.rope_theta,
+                            self.norm_eps, name=f"layers_{i}", **kw)(
+        x, mask, positions, None if caches is None else caches[i], return_probs)
+      new_caches.append(aux["cache"])
+      probs.append(aux["probs"])
+    x = RMSNorm(self.norm_eps, name="norm", **kw)(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = dense(self.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
+    aux = {"hidden": x, "caches": None if caches is None else new_caches,
+           "attention_probs": probs if return_probs else None}
+    return logits.astype(jnp.float32), aux
+
+  def init_caches(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
+    """Empty KV caches for generation: one per layer, float[B, max_len, K, D]."""
+    head_dim = self.head_dim or self.hidden_size // self.num_heads
+    return [KVCache.zeros(batch, max_len, self.num_kv_heads or self.num_heads, head_dim, dtype)
+            for _ in range(self.num_layers)]

@@ -1,0 +1,99 @@
+"""Device mesh and logical-axis sharding.
+
+The mesh has named axes `data`, `fsdp`, `tensor` with sizes from `config.mesh` (-1 = all remaining
+devices; default: every device on `data`). Params and large activations carry logical axis names
+(MaxText's vocabulary) and `config.sharding_rules` maps them onto mesh axes. This module imports nothing
+from the rest of vlm_jax.
+"""
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical name -> mesh axes. Weights: FSDP shards the embed dim, tensor parallelism the heads/mlp/vocab
+# dims. Activations: batch over data+fsdp, features over tensor.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+  ("activation_batch", BATCH_AXES),
+  ("activation_length", None),
+  ("activation_embed", "tensor"),
+  ("activation_mlp", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("kv", None),
+  ("vocab", "tensor"),
+  ("layers", None),
+)
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolve `{"data": -1, "fsdp": 1, "tensor": 1}` against the device count; errors name the field."""
+  unknown = set(mesh_config) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; expected {MESH_AXES}")
+  sizes = {a: int(mesh_config.get(a, 1)) for a in MESH_AXES}
+  auto = [a for a, s in sizes.items() if s == -1]
+  if len(auto) > 1:
+    raise ValueError(f"at most one of config.mesh.{{{','.join(MESH_AXES)}}} may be -1, got {auto}")
+  for a, s in sizes.items():
+    if s == 0 or s < -1:
+      raise ValueError(f"config.mesh.{a} must be a positive size or -1, got {s}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if auto:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh fixes {fixed} devices, which does not divide the "
+                       f"{num_devices} available devices (config.mesh.{auto[0]}=-1)")
+    sizes[auto[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f"config.mesh {sizes} needs {fixed} devices but {num_devices} are available")
+  return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(mesh_config, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+
+    device_array = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def logical_rules(rules: Sequence[Sequence[Any]] | None = None) -> tuple[tuple[str, Any], ...]:
+  """Config rules (list of [name, axes]) -> hashable tuple; None -> DEFAULT_RULES."""
+  if rules is None:
+    return DEFAULT_RULES
+  return tuple((r[0], tuple(r[1]) if isinstance(r[1], list) else r[1]) for r in rules)
+
+
+def logical_shardings(boxed_abstract_tree: Any, mesh: Mesh, rules) -> Any:
+  """Tree with `nn.LogicallyPartitioned` leaves -> the same (unboxed) tree of `NamedSharding`s."""
+  specs = nn.get_partition_spec(boxed_abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dim split over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """Per-process numpy batch -> global `jax.Array`s split over the batch axes of `mesh`."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)

@@ -1,0 +1,62 @@
+"""The jitted train step: pure function of (state, batch, rng), state donated.
+
+Gradients are taken with respect to `state.trainable` only; frozen params enter as constants, so XLA does
+not compute (or keep activations for) gradients of frozen towers beyond what the trainable params need.
+A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged and reports
+`finite = False`; the host loop stops on it before the next checkpoint (`vlm_jax.train.trainer`).
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vlm_jax.train.state import TrainState, merge_params
+
+
+def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable) -> Callable:
+  """-> train_step(state, batch, rng) -> (state, metrics). batch = {"inputs": {...}, "labels": ...}."""
+
+  def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+    del rng  # No stochastic layers yet; kept so dropout/augmentation need no API change.
+
+    def compute_loss(trainable):
+      params = merge_params(trainable, state.frozen)
+      logits, _ = model.apply({"params": params}, **batch["inputs"])
+      return loss_fn(logits, batch["labels"])
+
+    (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def keep_if_finite(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = state.replace(
+      step=state.step + 1,
+      trainable=keep_if_finite(trainable, state.trainable),
+      opt_state=keep_if_finite(opt_state, state.opt_state),
+    )
+    n = jnp.maximum(aux["num_tokens"], 1)
+    metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "token_accuracy": aux["correct"] / n,
+      "num_tokens": aux["num_tokens"],
+      "finite": finite,
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_forward(model) -> Callable[[Any, dict], jax.Array]:
+  """-> forward(params, inputs) -> logits; the eval-side counterpart of the train step."""
+
+  def forward(params, inputs):
+    return model.apply({"params": params}, **inputs)[0]
+
+  return forward

@@ -1,0 +1,193 @@
+"""The one generic trainer: `train_and_evaluate(config, workdir)`.
+
+Resume order (first that applies): (1) the latest checkpoint in `workdir` (state + data iterator),
+(2) fresh init, then weights from `config.init` (a finished earlier stage such as the embedded default's
+LM pretraining, run first if needed). Running the same command again therefore continues where a killed
+run stopped, with the same data order, and ends with the same result.
+"""
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from vlm_jax import sharding
+from vlm_jax.data.pipeline import make_dataset
+from vlm_jax.eval.evaluators import build_evaluators
+from vlm_jax.models import build_model
+from vlm_jax.train import init as init_lib
+from vlm_jax.train.checkpointing import Checkpointer, abstract_with_shardings
+from vlm_jax.train.losses import get_loss
+from vlm_jax.train.metrics import MetricLogger
+from vlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from vlm_jax.train.state import TrainState, split_params
+from vlm_jax.train.step import make_train_step
+
+RESULTS_FILE = "results.json"
+
+
+def _dtype(name: str | None):
+  return None if name in (None, "", "none") else jnp.dtype(name)
+
+
+def build_state(config, model, example_inputs: dict, mesh, rules):
+  """-> (tx, init_fn(rng) -> sharded TrainState, abstract TrainState with shardings)."""
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_params = jax.eval_shape(model.init, rng, **example_inputs)["params"]
+  abstract_trainable, _ = split_params(abstract_params, config.trainable)
+  tx = make_optimizer(config.optimizer, abstract_trainable)
+  frozen_dtype = _dtype(config.get("frozen_param_dtype"))
+
+  def init_boxed(rng):
+    params = model.init(rng, **example_inputs)["params"]
+    trainable, frozen = split_params(params, config.trainable)
+    if frozen_dtype is not None:
+      frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_boxed = jax.eval_shape(init_boxed, rng)
+    shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  init_fn = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)
+  abstract = abstract_with_shardings(nn.unbox(abstract_boxed), shardings)
+  return tx, init_fn, abstract
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Write atomically (tmp + rename) so a crash never leaves a half-written file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _local_tokens(batch: dict) -> int:
+  mask = batch["inputs"].get("attention_mask")
+  return int(np.sum(mask)) if mask is not None else int(np.prod(batch["labels"].shape))
+
+
+def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
+  """Train `config` in `workdir` (resuming if it holds a checkpoint); returns (results, final params)."""
+  os.makedirs(workdir, exist_ok=True)
+  stage = config.get("name", "train")
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.get("sharding_rules"))
+  model = build_model(config.model_name, config.model)
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size ({config.batch_size}) must be divisible by the number of "
+                     f"processes ({jax.process_count()})")
+  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % data_shards:
+    raise ValueError(f"config.batch_size ({config.batch_size}) must be divisible by the data-parallel "
+                     f"mesh size config.mesh.data * config.mesh.fsdp = {data_shards}")
+  local_batch = config.batch_size // jax.process_count()
+  train_ds = make_dataset(config.data, split="train", batch_size=local_batch)
+  example = next(iter(train_ds))
+  example_inputs = jax.tree.map(lambda x: jnp.asarray(x[:1]), example["inputs"])
+  tx, init_fn, abstract_state = build_state(config, model, example_inputs, mesh, rules)
+  train_iter = iter(train_ds)
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+                      save_every=config.checkpoint.every_steps,
+                      async_save=config.checkpoint.get("async_save", True))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info("[%s] resuming from checkpoint step %d in %s", stage, latest, workdir)
+    state = ckpt.restore(latest, abstract_state, train_iter)
+  else:
+    state = init_fn(jax.random.PRNGKey(config.seed))
+    state = init_lib.load_initial_weights(config, workdir, state, abstract_state)
+
+  loss_fn = get_loss(config.loss)
+  state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
+  repl = sharding.replicated(mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    p_step = jax.jit(make_train_step(model, tx, loss_fn), donate_argnums=(0,),
+                     out_shardings=(state_sharding, repl))
+  evaluators = build_evaluators(config, model, mesh, rules)
+  schedule = learning_rate_schedule(config.optimizer)
+  logger = MetricLogger(workdir, config.total_steps, prefix=f"[{stage}] ")
+  base_rng = jax.random.PRNGKey(config.seed + 1)
+
+  step = int(jax.device_get(state.step))
+  first_step = step
+  pending: list[dict] = []
+
+  def check_and_log(step: int) -> dict:
+    fetched = jax.device_get(pending)
+    pending.clear()
+    for i, m in enumerate(fetched):
+      if not bool(m["finite"]):
+        bad = step - len(fetched) + i + 1
+        raise FloatingPointError(
+          f"[{stage}] non-finite loss or gradient at step {bad} (loss={float(m['loss'])}, "
+          f"grad_norm={float(m['grad_norm'])}); stopping. The last good checkpoint is step "
+          f"{ckpt.latest_step()} in {ckpt.directory}.")
+    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm",
+                                                                      "token_accuracy")}
+    scalars["learning_rate"] = float(schedule(step))
+    logger.log_train(step, scalars)
+    return scalars
+
+  last_scalars: dict = {}
+  try:
+    while step < config.total_steps:
+      local = next(train_iter)
+      batch = sharding.global_batch(local, mesh)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = p_step(state, batch, jax.random.fold_in(base_rng, step))
+      step += 1
+      pending.append(metrics)
+      logger.count_tokens(_local_tokens(local) * jax.process_count())
+      if step == first_step + 1:
+        jax.block_until_ready(metrics)
+        logger.start(step)
+      save_due = step % config.checkpoint.every_steps == 0 or step == config.total_steps
+      if step % config.log_every == 0 or save_due or step == config.total_steps:
+        last_scalars = check_and_log(step)  # raises before a non-finite state could be saved
+      if save_due:
+        ckpt.save(step, state, train_iter, force=step == config.total_steps)
+      if config.get("eval_every") and step % config.eval_every == 0 and step < config.total_steps:
+        logger.write_scalars(step, _run_evals(evaluators, state.params, stage))
+  finally:
+    ckpt.close()
+
+  results_path = os.path.join(workdir, RESULTS_FILE)
+  if os.path.exists(results_path) and step == first_step:
+    with open(results_path) as f:
+      results = json.load(f)
+    if results.get("step") == step:
+      logger.close()
+      return results, state.params
+  t0 = time.perf_counter()
+  results = {"step": step, **_run_evals(evaluators, state.params, stage)}
+  if last_scalars:
+    results["train/loss"] = last_scalars["loss"]
+  logging.info("[%s] final evaluation (%.1fs): %s", stage, time.perf_counter() - t0,
+               {k: round(v, 4) for k, v in results.items() if isinstance(v, float)})
+  logger.write_scalars(step, {k: v for k, v in results.items() if k != "step"})
+  logger.close()
+  if is_chief:
+    _write_json(results_path, results)
+  return results, state.params
+
+
+def _run_evals(evaluators, params, stage: str) -> dict:
+  out = {}
+  for ev in evaluators:
+    t0 = time.perf_counter()
+    res = ev.run(params)
+    logging.info("[%s] eval %s (%.1fs): %s", stage, ev.name, time.perf_counter() - t0,
+                 {k: round(v, 4) for k, v in res.items()})
+    out.update(res)
+  return out
