@@ -1,0 +1,147 @@
+"""grain input pipelines: config -> a checkpointable iterator of fixed-shape numpy batches.
+
+    source (random access) -> shuffle(seed) -> shard [process_index::process_count] -> repeat
+      -> transform (tokenize, images, labels) -> batch(drop_remainder) -> to_iter_dataset(threads)
+
+Order matters in grain's MapDataset, where every stage is an index mapping:
+  * `shuffle` sees global indices past one epoch (from `repeat` downstream) and reseeds with
+    `seed + epoch`, so each epoch is a fresh permutation without a per-epoch rebuild;
+  * sharding *after* the shuffle gives each process a disjoint 1/process_count of every epoch (and
+    the shuffle is identical on all processes because it only depends on the seed);
+  * the shard is trimmed to a multiple of process_count so all processes see the same number of
+    batches (a process running out early would hang the collective in the train step).
+
+Batches (per process; B = batch_size):
+  {"inputs": {"vision_x": float32[B, T_img, S, S, 3],      # absent for kind "text"
+              "input_ids": int32[B, T], "attention_mask": int32[B, T]},
+   "labels": int32[B, T]}
+
+`iter(dataset)` returns a grain `DatasetIterator` with `get_state()` / `set_state()`; restoring a state
+reproduces the identical continuation (the trainer saves it with grain.checkpoint + orbax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from vlm_jax.data import interleaved, synthetic
+from vlm_jax.data.tokenizer import load_tokenizer
+
+SOURCES = ("synthetic",)
+KINDS = ("interleaved", "text", "pairs", "vqa")
+SPLITS = synthetic.SPLITS
+
+_REQUIRED = object()
+# Batch-level prefetching: a few batches ahead is plenty, and each batch holds B * T_img images.
+_DEFAULTS = {"num_threads": 8, "prefetch_buffer_size": 16, "seed": 0, "num_records": 100_000}
+
+
+def _field(config: Any, name: str) -> Any:
+  """Reads config.data.<name> from a ConfigDict or a plain mapping, with a clear error."""
+  try:
+    return config[name]
+  except (KeyError, AttributeError, TypeError):
+    pass
+  if name in _DEFAULTS:
+    return _DEFAULTS[name]
+  raise ValueError(f"config.data.{name} is missing; make_dataset needs it.")
+
+
+def _collate(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
+  """Stacks examples and nests model inputs under "inputs" (labels stay beside them)."""
+  stacked = {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
+  labels = stacked.pop("labels")
+  return {"inputs": stacked, "labels": labels}
+
+
+def _source_and_transform(config: Any, split: str):
+  source_name = _field(config, "source")
+  if source_name not in SOURCES:
+    raise ValueError(
+      f"config.data.source={source_name!r} is not supported; expected one of {SOURCES}."
+    )
+  kind = _field(config, "kind")
+  if kind not in KINDS:
+    raise ValueError(f"config.data.kind={kind!r} is not supported; expected one of {KINDS}.")
+  tokenizer = load_tokenizer(_field(config, "tokenizer"))
+  image_size = int(_field(config, "image_size"))
+  max_images = int(_field(config, "max_images"))
+  max_text_len = int(_field(config, "max_text_len"))
+  source = synthetic.SyntheticSource(
+    "interleaved" if kind == "text" else kind,
+    split=split,
+    num_records=int(_field(config, "num_records")),
+    image_size=image_size,
+    max_images=max_images,
+    seed=int(_field(config, "seed")),
+  )
+  if kind == "text":
+    transform = interleaved.TextOnlyTransform(tokenizer, max_text_len)
+  else:
+    transform = interleaved.InterleavedTransform(
+      tokenizer,
+      max_text_len=max_text_len,
+      max_images=max_images,
+      image_size=image_size,
+      label_rule="pairs" if kind == "pairs" else "interleaved",
+    )
+  return source, transform
+
+
+def make_dataset(
+  data_config: Any,
+  *,
+  split: str,
+  batch_size: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  repeat: bool = True,
+) -> grain.IterDataset:
+  """Builds the input pipeline described in the module docstring.
+
+  Args:
+    data_config: `config.data` (ConfigDict or mapping) with source, kind, tokenizer, image_size,
+      max_images, max_text_len, num_records, seed, num_threads, prefetch_buffer_size.
+    split: "train" or "eval".
+    batch_size: PER-PROCESS batch size.
+    process_index, process_count: this process's shard; default to jax's.
+    repeat: loop forever, reshuffling each epoch; False gives one pass over this process's shard.
+
+  Returns:
+    A `grain.IterDataset` of batches (layout in the module docstring); deterministic for a config.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"make_dataset: split={split!r}; expected one of {SPLITS}.")
+  if batch_size < 1:
+    raise ValueError(f"make_dataset: batch_size must be >= 1, got {batch_size}.")
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  # Only for the defaults; data needs no jax.
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count}).")
+
+  source, transform = _source_and_transform(data_config, split)
+  seed = int(_field(data_config, "seed"))
+  ds = grain.MapDataset.source(source).shuffle(seed=seed % 2**32)
+  usable = len(source) - len(source) % process_count
+  ds = ds[process_index:usable:process_count]
+  if len(ds) < batch_size:
+    raise ValueError(
+      f"Each of {process_count} processes gets {len(ds)} records of config.data.num_records="
+      f"{len(source)}, fewer than batch_size={batch_size}."
+    )
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.map(transform)
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_collate)
+  read_options = grain.ReadOptions(
+    num_threads=int(_field(data_config, "num_threads")),
+    prefetch_buffer_size=int(_field(data_config, "prefetch_buffer_size")),
+  )
+  return ds.to_iter_dataset(read_options)
