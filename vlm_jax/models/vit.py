@@ -60,10 +60,6 @@ class Model(nn.Module):
   mlp_dim: int | None = None
   act: str = "quick_gelu"
   norm_eps: float = 1e-5
-  # Init scale of the learned position embeddings. Pretrained towers overwrite them; a randomly
-  # initialised frozen tower needs them large enough to survive LN_pre, or it cannot tell where a
-  # patch is (and so cannot expose shapes, only colours).
-  pos_embed_init_std: float = 0.02
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -98,8 +94,8 @@ class Model(nn.Module):
     cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
                      (self.width,), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], axis=1)
-    x = x + learned_positions(self, "pos_embed", x.shape[1], self.width, self.param_dtype,
-                              stddev=self.pos_embed_init_std).astype(self.dtype)
+    x = x + learned_positions(self, "pos_embed", x.shape[1], self.width, self.param_dtype).astype(
+      self.dtype)
     x = LayerNorm(self.norm_eps, name="pre_norm", **kw)(x)
     hidden_states = [x]
     mlp_dim = self.mlp_dim or 4 * self.width

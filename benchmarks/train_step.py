@@ -1,0 +1,142 @@
+"""Flamingo train-step benchmark: step time, tokens/s, XLA-counted FLOPs, achieved FLOP/s and "MFU".
+
+  python benchmarks/train_step.py                      # tiny + mid (~100M params) on this machine
+  python benchmarks/train_step.py --configs=mid --dtype=bfloat16 --peak_tflops=989   # e.g. on an H200
+
+FLOPs come from XLA's cost analysis of the compiled step, so frozen towers count forward only (their
+backward is never computed). On CPU the reference peak is this machine's measured dense matmul rate
+(a 2048^2 float32 matmul, best of several), so "mfu" there means "fraction of what XLA's own matmul
+reaches here". Writes benchmarks/results/train_step_<platform>.json and prints a one-line summary last.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vlm_jax import sharding  # noqa: E402
+from vlm_jax.data import tokenizer as tok  # noqa: E402
+from vlm_jax.models import build_model  # noqa: E402
+from vlm_jax.train.losses import get_loss  # noqa: E402
+from vlm_jax.train.trainer import build_state  # noqa: E402
+from vlm_jax.train.step import make_train_step  # noqa: E402
+from tests.train.configs_loader import load_config  # noqa: E402
+
+MID = dict(  # ~100M params: LLaMA 768x8 with a 32k vocab, ViT 384x6, xattn every 2nd layer
+  lm=dict(vocab_size=32000, hidden_size=768, num_layers=8, num_heads=12, mlp_dim=2048),
+  vision=dict(image_size=112, patch_size=14, width=384, depth=6, heads=6),
+  resampler=dict(depth=2, heads=8, dim_head=64, num_latents=64),
+  xattn=dict(heads=8, dim_head=64), cross_attn_every_n_layers=2, batch=8, text_len=128)
+
+
+def matmul_peak_flops(dtype, n: int = 2048, reps: int = 10) -> float:
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def bench_config(name: str, dtype: str, steps: int) -> dict:
+  config = load_config("flamingo", "tiny" if name == "tiny" else None)
+  config.init.stage = None
+  if name == "mid":
+    config.model.lm.update(MID["lm"])
+    config.model.vision.update(MID["vision"])
+    config.model.resampler.update(MID["resampler"])
+    config.model.xattn.update(MID["xattn"])
+    config.model.cross_attn_every_n_layers = MID["cross_attn_every_n_layers"]
+    config.batch_size, config.data.max_text_len = MID["batch"], MID["text_len"]
+    config.data.image_size = MID["vision"]["image_size"]
+  config.model.dtype = dtype
+  config.frozen_param_dtype = "" if dtype == "float32" else dtype
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(None)
+  model = build_model(config.model_name, config.model)
+  b, t, ti, s = config.batch_size, config.data.max_text_len, config.data.max_images, config.data.image_size
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, min(config.model.lm.vocab_size, tok.synthetic_vocab_size()), (b, t)).astype(np.int32)
+  ids[:, [0, t // 3, 2 * t // 3]] = tok.MEDIA_ID  # three images per row
+  batch = {"inputs": {"vision_x": rng.normal(size=(b, ti, s, s, 3)).astype(np.float32),
+                      "input_ids": ids, "attention_mask": np.ones((b, t), np.int32)},
+           "labels": ids}
+  example = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch["inputs"])
+  tx, init_fn, abstract = build_state(config, model, example, mesh, rules)
+  state = init_fn(jax.random.PRNGKey(0))
+  n_params = sum(x.size for x in jax.tree.leaves(abstract.trainable)) + sum(
+    x.size for x in jax.tree.leaves(abstract.frozen))
+  n_trainable = sum(x.size for x in jax.tree.leaves(abstract.trainable))
+  step = jax.jit(make_train_step(model, tx, get_loss(config.loss)), donate_argnums=(0,))
+  gbatch = sharding.global_batch(batch, mesh)
+  key = jax.random.PRNGKey(1)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, gbatch, key).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  for _ in range(2):  # warm-up
+    state, m = compiled(state, gbatch, key)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, gbatch, key)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times))
+  return {"config": name, "dtype": dtype, "params": int(n_params), "trainable_params": int(n_trainable),
+          "batch_size": b, "text_len": t, "images_per_row": ti, "image_size": s,
+          "compile_s": compile_s, "step_time_s": step_s, "step_time_min_s": float(np.min(times)),
+          "tokens_per_s": b * t / step_s, "flops_per_step": flops, "achieved_flops_per_s": flops / step_s}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--configs", default="tiny,mid")
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--peak_tflops", type=float, default=0.0,
+                 help="vendor peak for MFU (e.g. 989 for H100/H200 bf16); default: measured matmul rate")
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+  dev = jax.devices()[0]
+  measured = matmul_peak_flops(jnp.dtype(args.dtype))
+  peak = args.peak_tflops * 1e12 if args.peak_tflops else measured
+  rows = []
+  for name in args.configs.split(","):
+    r = bench_config(name, args.dtype, args.steps)
+    r["mfu"] = r["achieved_flops_per_s"] / peak
+    r["fraction_of_measured_matmul"] = r["achieved_flops_per_s"] / measured
+    rows.append(r)
+    print(json.dumps(r))
+  out = {"benchmark": "train_step", "machine": {
+           "platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
+           "cpu_count": os.cpu_count(), "host": platform.node(), "jax": jax.__version__},
+         "peak_flops_per_s": peak, "peak_source": "vendor" if args.peak_tflops else "measured_matmul",
+         "measured_matmul_flops_per_s": measured, "results": rows}
+  path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                  f"train_step_{dev.platform}.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(out, f, indent=2)
+  summary = ", ".join(f"{r['config']}: {r['step_time_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s, "
+                      f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s ({100 * r['mfu']:.1f}% of peak)"
+                      for r in rows)
+  print(f"train_step on {dev.device_kind} [{args.dtype}] -> {path}: {summary}")
+
+
+if __name__ == "__main__":
+  main()
