@@ -13,6 +13,11 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def _vector_param(module: nn.Module, name: str, init, d: int, dtype) -> jax.Array:
+  """A per-feature param float[D] with logical axis `embed`."""
+  return module.param(name, nn.with_logical_partitioning(init, ("embed",)), (d,), dtype)
+
+
 class LayerNorm(nn.Module):
   """y = (x - mean) / sqrt(var + eps) * scale + bias over the last axis.  x: float[..., D]."""
 
@@ -24,17 +29,13 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    scale = self.param(
-      "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (d,),
-      self.param_dtype)
+    scale = _vector_param(self, "scale", nn.initializers.ones_init(), d, self.param_dtype)
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
     if self.use_bias:
-      bias = self.param(
-        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)), (d,),
-        self.param_dtype)
+      bias = _vector_param(self, "bias", nn.initializers.zeros_init(), d, self.param_dtype)
       y = y + bias.astype(jnp.float32)
     return y.astype(self.dtype)
 
@@ -48,19 +49,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
-    scale = self.param(
-      "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (d,),
-      self.param_dtype)
+    scale = _vector_param(self, "scale", nn.initializers.ones_init(), x.shape[-1], self.param_dtype)
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.epsilon)
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
-
-def make_norm(kind: str, **kwargs) -> nn.Module:
-  """Build a norm by name (`layernorm` | `rmsnorm`); an unknown name fails with the accepted ones."""
-  if kind == "layernorm":
-    return LayerNorm(**kwargs)
-  if kind == "rmsnorm":
-    return RMSNorm(**kwargs)
-  raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")
