@@ -30,8 +30,8 @@ from vlm_jax.train.trainer import build_state  # noqa: E402
 from vlm_jax.train.step import make_train_step  # noqa: E402
 from tests.train.configs_loader import load_config  # noqa: E402
 
-MID = dict(  # ~100M params: LLaMA 768x8 with a 32k vocab, ViT 384x6, xattn every 2nd layer
-  lm=dict(vocab_size=32000, hidden_size=768, num_layers=8, num_heads=12, mlp_dim=2048),
+MID = dict(  # ~107M params: LLaMA 768x8 with an 8k vocab, ViT 384x6, xattn every 2nd layer
+  lm=dict(vocab_size=8192, hidden_size=768, num_layers=8, num_heads=12, mlp_dim=2048),
   vision=dict(image_size=112, patch_size=14, width=384, depth=6, heads=6),
   resampler=dict(depth=2, heads=8, dim_head=64, num_latents=64),
   xattn=dict(heads=8, dim_head=64), cross_attn_every_n_layers=2, batch=8, text_len=128)
