@@ -1,0 +1,79 @@
+"""HF decoder LMs <-> vlm_jax: `load_hf_lm(path) -> (model, params)` and `save_hf_lm(model, params, path)`.
+
+The family is chosen from `config.json`'s `model_type`; each family module in `vlm_jax.convert` provides
+`model_kwargs_from_hf`, `hf_config`, `rules` and `ignore`. Weights are read tensor by tensor from
+safetensors (sharded or not) with numpy; no PyTorch is needed.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from vlm_jax.convert import llama as llama_conv
+from vlm_jax.convert.mapping import to_ours, to_theirs
+from vlm_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
+from vlm_jax.models import llama
+from vlm_jax.train.state import flatten, unflatten
+
+# model_type -> (converter module, model module)
+FAMILIES = {t: (llama_conv, llama) for t in llama_conv.MODEL_TYPES}
+
+
+def read_hf_config(path: str) -> dict:
+  file = os.path.join(path, "config.json")
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"{path}: no config.json (expected an HF model directory)")
+  with open(file) as f:
+    return json.load(f)
+
+
+def _family(hf: dict, path: str):
+  model_type = hf.get("model_type")
+  if model_type not in FAMILIES:
+    raise ValueError(f"{path}/config.json: model_type {model_type!r} is not supported; "
+                     f"supported: {sorted(FAMILIES)}")
+  return FAMILIES[model_type]
+
+
+def abstract_shapes(model: nn.Module, *inputs) -> dict[str, tuple]:
+  """Flat `{path: shape}` of a model's params, without allocating them."""
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)["params"]
+  return {k: tuple(v.shape) for k, v in flatten(nn.unbox(boxed)).items()}
+
+
+def load_hf_lm(path: str) -> tuple[nn.Module, Any]:
+  """An HF causal-LM directory -> (model, params) with `model.apply({"params": params}, input_ids,
+  attention_mask)` giving the HF model's logits first."""
+  hf = read_hf_config(path)
+  conv, family = _family(hf, path)
+  kwargs = conv.model_kwargs_from_hf(hf, f"{path}/config.json")
+  model = family.Model(**kwargs)
+  shapes = abstract_shapes(model, jnp.zeros((1, 1), jnp.int32))
+  reader = CheckpointReader(path)
+  flat = to_ours(reader, conv.rules(kwargs), shapes, source_name=path, ignore=conv.ignore)
+  return model, unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def model_kwargs(model: nn.Module) -> dict[str, Any]:
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+          if f.name not in ("parent", "name", "dtype", "param_dtype")}
+
+
+def save_hf_lm(model: nn.Module, params: Any, path: str) -> None:
+  """Write `config.json` + safetensors that `transformers.AutoModelForCausalLM` loads with the same
+  logits."""
+  conv = next((c for c, m in FAMILIES.values() if isinstance(model, m.Model)), None)
+  if conv is None:
+    raise ValueError(f"save_hf_lm: no HF export for {type(model).__module__}.{type(model).__name__}")
+  kwargs = model_kwargs(model)
+  flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flatten(params).items()}
+  tensors = to_theirs(flat, conv.rules(kwargs))
+  write_checkpoint(path, tensors)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(conv.hf_config(kwargs), f, indent=2)

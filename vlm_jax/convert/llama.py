@@ -1,0 +1,83 @@
+"""HF `LlamaForCausalLM` (and Mistral / Qwen2-style configs without biases) <-> `vlm_jax.models.llama`.
+
+HF keys: `model.embed_tokens.weight`, `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
+`model.layers.{i}.mlp.{gate,up,down}_proj.weight`, `model.layers.{i}.{input,post_attention}_layernorm.weight`,
+`model.norm.weight`, `lm_head.weight` (absent when `tie_word_embeddings`). HF stores q/k already in the
+rotate-half RoPE layout that `vlm_jax.layers.rope` uses, so no permutation is needed.
+"""
+
+from typing import Any
+
+from vlm_jax.convert.mapping import Rule, identity, linear, linear_from_heads, linear_to_heads
+
+MODEL_TYPES = ("llama", "mistral")
+
+
+def _rope_theta(hf: dict, name: str) -> float:
+  params = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or {}
+  rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+  if rope_type != "default":
+    raise NotImplementedError(f"{name}: rope type {rope_type!r} is not supported yet (only 'default')")
+  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def model_kwargs_from_hf(hf: dict, name: str = "config.json") -> dict[str, Any]:
+  """HF config dict -> kwargs of `vlm_jax.models.llama.Model`."""
+  for field in ("attention_bias", "mlp_bias"):
+    if hf.get(field):
+      raise NotImplementedError(f"{name}: {field}=true is not supported by vlm_jax.models.llama")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise NotImplementedError(f"{name}: hidden_act {hf['hidden_act']!r}; vlm_jax.models.llama uses silu")
+  heads = hf["num_attention_heads"]
+  return dict(
+    vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+    num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
+    rope_theta=_rope_theta(hf, name), norm_eps=hf.get("rms_norm_eps", 1e-6),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def hf_config(kw: dict[str, Any]) -> dict[str, Any]:
+  """Inverse of `model_kwargs_from_hf`: a config.json that transformers loads as LlamaForCausalLM."""
+  return {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": kw["vocab_size"],
+    "hidden_size": kw["hidden_size"], "intermediate_size": kw["mlp_dim"],
+    "num_hidden_layers": kw["num_layers"], "num_attention_heads": kw["num_heads"],
+    "num_key_value_heads": kw.get("num_kv_heads") or kw["num_heads"],
+    "head_dim": kw.get("head_dim") or kw["hidden_size"] // kw["num_heads"],
+    "rms_norm_eps": kw.get("norm_eps", 1e-6), "hidden_act": "silu",
+    "rope_parameters": {"rope_theta": kw.get("rope_theta", 10000.0), "rope_type": "default"},
+    "rope_theta": kw.get("rope_theta", 10000.0),
+    "tie_word_embeddings": bool(kw.get("tie_embeddings", False)), "attention_bias": False,
+    "mlp_bias": False, "torch_dtype": "float32", "max_position_embeddings": 4096,
+  }
+
+
+def rules(kw: dict[str, Any]) -> list[Rule]:
+  h = kw["num_heads"]
+  kvh = kw.get("num_kv_heads") or h
+  dh = kw.get("head_dim") or kw["hidden_size"] // h
+  out = [identity("embed/embedding", "model.embed_tokens.weight"),
+         identity("norm/scale", "model.norm.weight")]
+  if not kw.get("tie_embeddings"):
+    out.append(linear("lm_head/kernel", "lm_head.weight"))
+  for i in range(kw["num_layers"]):
+    o, t = f"layers_{i}", f"model.layers.{i}"
+    out += [
+      linear_to_heads(f"{o}/attn/q/kernel", f"{t}.self_attn.q_proj.weight", h, dh),
+      linear_to_heads(f"{o}/attn/k/kernel", f"{t}.self_attn.k_proj.weight", kvh, dh),
+      linear_to_heads(f"{o}/attn/v/kernel", f"{t}.self_attn.v_proj.weight", kvh, dh),
+      linear_from_heads(f"{o}/attn/o/kernel", f"{t}.self_attn.o_proj.weight", h, dh),
+      linear(f"{o}/mlp/gate/kernel", f"{t}.mlp.gate_proj.weight"),
+      linear(f"{o}/mlp/up/kernel", f"{t}.mlp.up_proj.weight"),
+      linear(f"{o}/mlp/down/kernel", f"{t}.mlp.down_proj.weight"),
+      identity(f"{o}/input_norm/scale", f"{t}.input_layernorm.weight"),
+      identity(f"{o}/post_attn_norm/scale", f"{t}.post_attention_layernorm.weight"),
+    ]
+  return out
+
+
+def ignore(key: str) -> bool:
+  """Non-parameter buffers some checkpoints carry."""
+  return key.endswith("rotary_emb.inv_freq")
