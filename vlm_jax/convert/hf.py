@@ -1,8 +1,8 @@
-"""HF decoder LMs <-> vlm_jax: `load_hf_lm(path) -> (model, params)` and `save_hf_lm(model, params, path)`.
+"""HF checkpoints <-> vlm_jax: `load_hf_lm`, `save_hf_lm`, `load_hf_clip_vision`.
 
-The family is chosen from `config.json`'s `model_type`; each family module in `vlm_jax.convert` provides
-`model_kwargs_from_hf`, `hf_config`, `rules` and `ignore`. Weights are read tensor by tensor from
-safetensors (sharded or not) with numpy; no PyTorch is needed.
+The LM family is chosen from `config.json`'s `model_type`; each family module in `vlm_jax.convert`
+provides `model_kwargs_from_hf`, `rules` and `ignore` (and `hf_config` where export is supported). Weights
+are read tensor by tensor from safetensors (sharded or not) with numpy; no PyTorch is needed.
 """
 
 import dataclasses
@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vlm_jax.convert import clip as clip_conv
 from vlm_jax.convert import llama as llama_conv
 from vlm_jax.convert.mapping import to_ours, to_theirs
 from vlm_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
-from vlm_jax.models import llama
+from vlm_jax.models import llama, vit
 from vlm_jax.train.state import flatten, unflatten
 
 # model_type -> (converter module, model module)
@@ -57,6 +58,23 @@ def load_hf_lm(path: str) -> tuple[nn.Module, Any]:
   shapes = abstract_shapes(model, jnp.zeros((1, 1), jnp.int32))
   reader = CheckpointReader(path)
   flat = to_ours(reader, conv.rules(kwargs), shapes, source_name=path, ignore=conv.ignore)
+  return model, unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def load_hf_clip_vision(path: str) -> tuple[nn.Module, Any]:
+  """An HF CLIPVisionModel / CLIPModel directory -> (ViT model, params). The model takes NHWC float
+  images and returns the last hidden state first, all hidden states in aux["hidden_states"]."""
+  hf = read_hf_config(path)
+  if hf.get("model_type") not in clip_conv.MODEL_TYPES:
+    raise ValueError(f"{path}/config.json: model_type {hf.get('model_type')!r} is not a CLIP model "
+                     f"({clip_conv.MODEL_TYPES})")
+  kwargs = clip_conv.model_kwargs_from_hf(hf, f"{path}/config.json")
+  model = vit.Model(**kwargs)
+  s = kwargs["image_size"]
+  shapes = abstract_shapes(model, jnp.zeros((1, s, s, 3), jnp.float32))
+  reader = CheckpointReader(path)
+  rules = clip_conv.rules(kwargs, clip_conv.key_prefix(reader.keys()))
+  flat = to_ours(reader, rules, shapes, source_name=path, ignore=clip_conv.ignore)
   return model, unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 
