@@ -75,3 +75,18 @@ def test_vision_tokens_option_changes_resampler_input(setup):
   assert np.abs(np.asarray(a["media"] - b["media"])).max() > 1e-4
   with pytest.raises(ValueError, match="vision_tokens"):
     flamingo.Model(**{**CFG, "vision_tokens": "cls"})
+
+
+def test_gpt_neox_backbone_gates_zero_gives_bare_lm_logits():
+  from flax import linen as nn
+  from vlm_jax.models import gpt_neox
+  lm = dict(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=48, rotary_pct=0.5)
+  model = flamingo.Model(**{**CFG, "lm": lm, "lm_family": "gpt_neox"})
+  rng = np.random.default_rng(1)
+  vx = jnp.asarray(rng.normal(size=(1, 2, 16, 16, 3)), jnp.float32)
+  ids = jnp.array([[5, 3, 7, 8, 4, 3, 9, 10]])
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), vx, ids)["params"])
+  assert "xattn_1" in params and "norm" in params["lm"] and "bias" in params["lm"]["norm"]
+  logits, _ = model.apply({"params": params}, vx, ids)
+  ref, _ = gpt_neox.Model(**lm).apply({"params": params["lm"]}, ids)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref))

@@ -16,14 +16,16 @@ import numpy as np
 from flax import linen as nn
 
 from vlm_jax.convert import clip as clip_conv
+from vlm_jax.convert import gpt_neox as gpt_neox_conv
 from vlm_jax.convert import llama as llama_conv
 from vlm_jax.convert.mapping import to_ours, to_theirs
 from vlm_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
-from vlm_jax.models import llama, vit
+from vlm_jax.models import gpt_neox, llama, vit
 from vlm_jax.train.state import flatten, unflatten
 
 # model_type -> (converter module, model module)
-FAMILIES = {t: (llama_conv, llama) for t in llama_conv.MODEL_TYPES}
+FAMILIES = {**{t: (llama_conv, llama) for t in llama_conv.MODEL_TYPES},
+            **{t: (gpt_neox_conv, gpt_neox) for t in gpt_neox_conv.MODEL_TYPES}}
 
 
 def read_hf_config(path: str) -> dict:
@@ -86,7 +88,8 @@ def model_kwargs(model: nn.Module) -> dict[str, Any]:
 def save_hf_lm(model: nn.Module, params: Any, path: str) -> None:
   """Write `config.json` + safetensors that `transformers.AutoModelForCausalLM` loads with the same
   logits."""
-  conv = next((c for c, m in FAMILIES.values() if isinstance(model, m.Model)), None)
+  # Exact type: gpt_neox.Model subclasses llama.Model.
+  conv = next((c for c, m in FAMILIES.values() if type(model) is m.Model), None)
   if conv is None:
     raise ValueError(f"save_hf_lm: no HF export for {type(model).__module__}.{type(model).__name__}")
   kwargs = model_kwargs(model)

@@ -1,7 +1,8 @@
 """Conversion as data: a table of rules `our param path <-> source key` with a per-key transform, used in
 both directions.
 
-Each `Rule` holds the two names and a pair of inverse functions. Transforms cover the PyTorch -> Flax layout
+Each `Rule` holds the two names and a pair of inverse functions. A name may be a tuple: one source tensor
+can feed several params (a fused `query_key_value` split into q, k, v) and the inverse fuses them back. Transforms cover the PyTorch -> Flax layout
 differences: `Linear` weights `[out, in]` become kernels `[in, out]`, head-split where our kernels keep a
 heads axis (`q: [embed, heads, kv]`, `o: [heads, kv, embed]`). Conversion is strict: a source key the
 table expects but the checkpoint lacks, a checkpoint key no rule uses, and a shape that differs from the
@@ -18,10 +19,25 @@ Array = np.ndarray
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  ours: str
-  theirs: str
-  to_ours: Callable[[Array], Array]
-  to_theirs: Callable[[Array], Array]
+  """`to_ours(*theirs arrays)` returns one array per name in `ours` (a bare array for a single name);
+  `to_theirs` is its inverse."""
+
+  ours: str | tuple[str, ...]
+  theirs: str | tuple[str, ...]
+  to_ours: Callable[..., Array | tuple[Array, ...]]
+  to_theirs: Callable[..., Array | tuple[Array, ...]]
+
+  @property
+  def ours_names(self) -> tuple[str, ...]:
+    return self.ours if isinstance(self.ours, tuple) else (self.ours,)
+
+  @property
+  def theirs_names(self) -> tuple[str, ...]:
+    return self.theirs if isinstance(self.theirs, tuple) else (self.theirs,)
+
+
+def _as_tuple(x) -> tuple:
+  return x if isinstance(x, tuple) else (x,)
 
 
 def identity(ours: str, theirs: str) -> Rule:
@@ -52,17 +68,21 @@ def to_ours(source: Mapping[str, Array] | object, rules: Iterable[Rule],
   rules = list(rules)
   out = {}
   for r in rules:
-    if r.theirs not in source:
-      raise KeyError(f"{source_name}: missing tensor {r.theirs!r} (needed for our param {r.ours!r})")
-    value = r.to_ours(np.asarray(source[r.theirs]))
-    want = tuple(expected_shapes.get(r.ours, ()))
-    if r.ours not in expected_shapes:
-      raise KeyError(f"conversion table names our param {r.ours!r}, which this model does not have")
-    if tuple(value.shape) != want:
-      raise ValueError(f"{source_name}: tensor {r.theirs!r} has shape {tuple(source[r.theirs].shape)}, "
-                       f"which gives {tuple(value.shape)} for our {r.ours!r}; expected {want}")
-    out[r.ours] = value
-  used = {r.theirs for r in rules}
+    for t in r.theirs_names:
+      if t not in source:
+        raise KeyError(f"{source_name}: missing tensor {t!r} (needed for our params {r.ours_names})")
+    inputs = [np.asarray(source[t]) for t in r.theirs_names]
+    values = _as_tuple(r.to_ours(*inputs))
+    for name, value in zip(r.ours_names, values):
+      if name not in expected_shapes:
+        raise KeyError(f"conversion table names our param {name!r}, which this model does not have")
+      want = tuple(expected_shapes[name])
+      if tuple(value.shape) != want:
+        shapes = ", ".join(f"{t!r} has shape {tuple(x.shape)}" for t, x in zip(r.theirs_names, inputs))
+        raise ValueError(f"{source_name}: tensor {shapes}, which gives {tuple(value.shape)} for our "
+                         f"{name!r}; expected {want}")
+      out[name] = value
+  used = {t for r in rules for t in r.theirs_names}
   unexpected = [k for k in source.keys() if k not in used and not ignore(k)]
   if unexpected:
     raise ValueError(f"{source_name}: unexpected tensors no rule maps (wrong model family or config?): "
@@ -76,8 +96,12 @@ def to_ours(source: Mapping[str, Array] | object, rules: Iterable[Rule],
 def to_theirs(flat_params: Mapping[str, Array], rules: Iterable[Rule]) -> dict[str, Array]:
   """Flat `{our path: array}` -> `{source key: array}`; every param must be covered by a rule."""
   rules = list(rules)
-  covered = {r.ours for r in rules}
+  covered = {n for r in rules for n in r.ours_names}
   left = sorted(set(flat_params) - covered)
   if left:
     raise KeyError(f"no conversion rule for our params {left[:8]}")
-  return {r.theirs: np.ascontiguousarray(r.to_theirs(np.asarray(flat_params[r.ours]))) for r in rules}
+  out = {}
+  for r in rules:
+    values = _as_tuple(r.to_theirs(*[np.asarray(flat_params[n]) for n in r.ours_names]))
+    out.update({t: np.ascontiguousarray(v) for t, v in zip(r.theirs_names, values)})
+  return out

@@ -4,7 +4,7 @@ import importlib
 
 from flax import linen as nn
 
-FAMILIES = ("vit", "llama", "flamingo")
+FAMILIES = ("vit", "llama", "gpt_neox", "flamingo")
 
 
 def build_model(name: str, kwargs) -> nn.Module:

@@ -30,7 +30,7 @@ from vlm_jax.layers.resampler import PerceiverResampler
 from vlm_jax.models import vit
 
 Dtype = Any
-LM_FAMILIES = ("llama",)
+LM_FAMILIES = ("llama", "gpt_neox")
 
 
 def xattn_layer_ids(num_layers: int, every: int) -> list[int]:

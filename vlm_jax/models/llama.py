@@ -103,12 +103,11 @@ class Model(nn.Module):
     for i in range(self.num_layers):
       if before_layer is not None:
         x = before_layer(i, x)
-      x, aux = DecoderLayer(self.num_heads, kv_heads, head_dim, self.mlp_dim, self.rope_theta,
-                            self.norm_eps, name=f"layers_{i}", **kw)(
+      x, aux = self.decoder_layer(i, head_dim, kv_heads, kw)(
         x, mask, positions, None if caches is None else caches[i], return_probs)
       new_caches.append(aux["cache"])
       probs.append(aux["probs"])
-    x = RMSNorm(self.norm_eps, name="norm", **kw)(x)
+    x = self.final_norm(kw)(x)
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -116,6 +115,14 @@ class Model(nn.Module):
     aux = {"hidden": x, "caches": None if caches is None else new_caches,
            "attention_probs": probs if return_probs else None}
     return logits.astype(jnp.float32), aux
+
+  # The two places where decoder families differ; subclasses (vlm_jax.models.gpt_neox) override them.
+  def decoder_layer(self, i: int, head_dim: int, kv_heads: int, kw: dict) -> nn.Module:
+    return DecoderLayer(self.num_heads, kv_heads, head_dim, self.mlp_dim, self.rope_theta,
+                        self.norm_eps, name=f"layers_{i}", **kw)
+
+  def final_norm(self, kw: dict) -> nn.Module:
+    return RMSNorm(self.norm_eps, name="norm", **kw)
 
   def init_caches(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
     """Empty KV caches for generation: one per layer, float[B, max_len, K, D]."""
