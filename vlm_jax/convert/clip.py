@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from vlm_jax.convert.mapping import Rule, identity, linear, linear_to_heads
+from vlm_jax.convert.mapping import (Rule, identity, layernorm, linear_from_heads,
+                                     linear_to_heads, linear_with_bias)
 
 MODEL_TYPES = ("clip_vision_model", "clip")
 _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -40,10 +41,6 @@ def key_prefix(keys) -> str:
   return "vision_model." if any(k.startswith("vision_model.") for k in keys) else ""
 
 
-def _norm(ours: str, theirs: str) -> list[Rule]:
-  return [identity(f"{ours}/scale", f"{theirs}.weight"), identity(f"{ours}/bias", f"{theirs}.bias")]
-
-
 def _bias_to_heads(ours: str, theirs: str, heads: int, head_dim: int) -> Rule:
   return Rule(ours, theirs, lambda b: b.reshape(heads, head_dim), lambda b: b.reshape(-1))
 
@@ -57,8 +54,8 @@ def rules(kw: dict[str, Any], prefix: str = "") -> list[Rule]:
          lambda w: np.transpose(w, (2, 3, 1, 0)), lambda k: np.transpose(k, (3, 2, 0, 1))),
     identity("cls", f"{p}embeddings.class_embedding"),
     identity("pos_embed", f"{p}embeddings.position_embedding.weight"),
-    *_norm("pre_norm", f"{p}pre_layrnorm"),
-    *_norm("post_norm", f"{p}post_layernorm"),
+    *layernorm("pre_norm", f"{p}pre_layrnorm"),
+    *layernorm("post_norm", f"{p}post_layernorm"),
   ]
   for i in range(kw["depth"]):
     o, t = f"layers_{i}", f"{p}encoder.layers.{i}"
@@ -66,15 +63,12 @@ def rules(kw: dict[str, Any], prefix: str = "") -> list[Rule]:
       out += [linear_to_heads(f"{o}/attn/{ours}/kernel", f"{t}.self_attn.{theirs}.weight", h, dh),
               _bias_to_heads(f"{o}/attn/{ours}/bias", f"{t}.self_attn.{theirs}.bias", h, dh)]
     out += [
-      Rule(f"{o}/attn/o/kernel", f"{t}.self_attn.out_proj.weight",
-           lambda w: w.T.reshape(h, dh, w.shape[0]), lambda k: k.reshape(h * dh, -1).T),
+      linear_from_heads(f"{o}/attn/o/kernel", f"{t}.self_attn.out_proj.weight", h, dh),
       identity(f"{o}/attn/o/bias", f"{t}.self_attn.out_proj.bias"),
-      linear(f"{o}/mlp/fc1/kernel", f"{t}.mlp.fc1.weight"),
-      identity(f"{o}/mlp/fc1/bias", f"{t}.mlp.fc1.bias"),
-      linear(f"{o}/mlp/fc2/kernel", f"{t}.mlp.fc2.weight"),
-      identity(f"{o}/mlp/fc2/bias", f"{t}.mlp.fc2.bias"),
-      *_norm(f"{o}/norm1", f"{t}.layer_norm1"),
-      *_norm(f"{o}/norm2", f"{t}.layer_norm2"),
+      *linear_with_bias(f"{o}/mlp/fc1", f"{t}.mlp.fc1"),
+      *linear_with_bias(f"{o}/mlp/fc2", f"{t}.mlp.fc2"),
+      *layernorm(f"{o}/norm1", f"{t}.layer_norm1"),
+      *layernorm(f"{o}/norm2", f"{t}.layer_norm2"),
     ]
   return out
 

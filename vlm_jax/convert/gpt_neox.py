@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from vlm_jax.convert.mapping import Rule, identity, linear
+from vlm_jax.convert.mapping import (Rule, identity, layernorm, linear, linear_from_heads,
+                                     linear_with_bias)
 
 MODEL_TYPES = ("gpt_neox",)
 
@@ -72,25 +73,20 @@ def rules(kw: dict[str, Any]) -> list[Rule]:
   h, d = kw["num_heads"], kw["hidden_size"]
   dh = d // h
   out = [identity("embed/embedding", "gpt_neox.embed_in.weight"),
-         identity("norm/scale", "gpt_neox.final_layer_norm.weight"),
-         identity("norm/bias", "gpt_neox.final_layer_norm.bias")]
+         *layernorm("norm", "gpt_neox.final_layer_norm")]
   if not kw.get("tie_embeddings"):
     out.append(linear("lm_head/kernel", "embed_out.weight"))
   for i in range(kw["num_layers"]):
     o, t = f"layers_{i}", f"gpt_neox.layers.{i}"
     out += _fused_qkv(f"{o}/attn", f"{t}.attention.query_key_value", h, dh)
     out += [
-      Rule(f"{o}/attn/o/kernel", f"{t}.attention.dense.weight",
-           lambda w: w.T.reshape(h, dh, w.shape[0]), lambda k: k.reshape(h * dh, -1).T),
+      linear_from_heads(f"{o}/attn/o/kernel", f"{t}.attention.dense.weight", h, dh),
       identity(f"{o}/attn/o/bias", f"{t}.attention.dense.bias"),
-      linear(f"{o}/mlp/fc1/kernel", f"{t}.mlp.dense_h_to_4h.weight"),
-      identity(f"{o}/mlp/fc1/bias", f"{t}.mlp.dense_h_to_4h.bias"),
-      linear(f"{o}/mlp/fc2/kernel", f"{t}.mlp.dense_4h_to_h.weight"),
-      identity(f"{o}/mlp/fc2/bias", f"{t}.mlp.dense_4h_to_h.bias"),
+      *linear_with_bias(f"{o}/mlp/fc1", f"{t}.mlp.dense_h_to_4h"),
+      *linear_with_bias(f"{o}/mlp/fc2", f"{t}.mlp.dense_4h_to_h"),
+      *layernorm(f"{o}/input_norm", f"{t}.input_layernorm"),
+      *layernorm(f"{o}/post_attn_norm", f"{t}.post_attention_layernorm"),
     ]
-    for ours, theirs in (("input_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm")):
-      out += [identity(f"{o}/{ours}/scale", f"{t}.{theirs}.weight"),
-              identity(f"{o}/{ours}/bias", f"{t}.{theirs}.bias")]
   return out
 
 

@@ -61,6 +61,16 @@ def linear_from_heads(ours: str, theirs: str, heads: int, head_dim: int) -> Rule
               lambda k: k.reshape(heads * head_dim, k.shape[-1]).T)
 
 
+def layernorm(ours: str, theirs: str) -> list[Rule]:
+  """`{ours}/scale`, `{ours}/bias` <-> `{theirs}.weight`, `{theirs}.bias`."""
+  return [identity(f"{ours}/scale", f"{theirs}.weight"), identity(f"{ours}/bias", f"{theirs}.bias")]
+
+
+def linear_with_bias(ours: str, theirs: str) -> list[Rule]:
+  """`{ours}/kernel`, `{ours}/bias` <-> torch Linear `{theirs}.weight`, `{theirs}.bias`."""
+  return [linear(f"{ours}/kernel", f"{theirs}.weight"), identity(f"{ours}/bias", f"{theirs}.bias")]
+
+
 def to_ours(source: Mapping[str, Array] | object, rules: Iterable[Rule],
             expected_shapes: Mapping[str, tuple], *, source_name: str,
             ignore: Callable[[str], bool] = lambda k: False) -> dict[str, Array]:
