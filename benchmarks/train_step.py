@@ -20,15 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from vlm_jax import sharding  # noqa: E402
+from vlm_jax.config_base import load_config  # noqa: E402
 from vlm_jax.data import tokenizer as tok  # noqa: E402
 from vlm_jax.models import build_model  # noqa: E402
 from vlm_jax.train.losses import get_loss  # noqa: E402
 from vlm_jax.train.trainer import build_state  # noqa: E402
 from vlm_jax.train.step import make_train_step  # noqa: E402
-from tests.train.configs_loader import load_config  # noqa: E402
 
 MID = dict(  # ~107M params: LLaMA 768x8 with an 8k vocab, ViT 384x6, xattn every 2nd layer
   lm=dict(vocab_size=8192, hidden_size=768, num_layers=8, num_heads=12, mlp_dim=2048),
@@ -50,7 +51,7 @@ def matmul_peak_flops(dtype, n: int = 2048, reps: int = 10) -> float:
 
 
 def bench_config(name: str, dtype: str, steps: int) -> dict:
-  config = load_config("flamingo", "tiny" if name == "tiny" else None)
+  config = load_config(os.path.join(ROOT, "configs", "flamingo.py"), "tiny" if name == "tiny" else None)
   config.init.stage = None
   if name == "mid":
     config.model.lm.update(MID["lm"])

@@ -5,7 +5,22 @@
 for an unknown preset.
 """
 
+import importlib.util
+import os
+
 import ml_collections
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path`, as `--config=<path>:<arg>` gives it (for code that
+  builds configs without flags: tests, benchmarks, notebooks)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  name = "_vlm_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def check_preset(arg: str | None, presets, file: str) -> str:

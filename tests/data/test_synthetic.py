@@ -175,7 +175,7 @@ def test_hires_target_small_and_present():
 def test_tokenizer_contract(tokenizer):
   assert [tokenizer.token_to_id(t) for t in tok_lib.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
   assert (
-    tokenizer.get_vocab_size() == tok_lib.SYNTHETIC_VOCAB_SIZE == tok_lib.synthetic_vocab_size()
+    tokenizer.get_vocab_size() == tok_lib.synthetic_vocab_size()
   )
   enc = tokenizer.encode("Answer: red.<|endofchunk|>", add_special_tokens=False)
   assert enc.tokens == ["answer", ":", "red", ".", "<|endofchunk|>"]

@@ -40,3 +40,40 @@ def test_time_and_frame_embeddings_are_added():
   out, _ = m.apply(params, x)
   # With zero features, the two media differ only through their time embeddings.
   assert np.abs(np.asarray(out[0, 0] - out[0, 1])).max() > 1e-4
+
+
+def _ln(x, p):
+  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def test_matches_numpy_reference_of_the_equation():
+  """One layer by hand: L += Attn(q=LN_l(L), kv=concat[LN_m(X), LN_l(L)]); L += FFW(L); out = LN(L)."""
+  from flax import linen as nn
+  import math
+
+  erf = np.vectorize(math.erf)
+
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(1, 1, 1, 5, 8)), jnp.float32)
+  m = PerceiverResampler(depth=1, heads=2, dim_head=4, num_latents=3)
+  params = nn.unbox(m.init(jax.random.PRNGKey(2), x)["params"])
+  params = jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.normal(size=p.shape), params)  # non-trivial LNs
+  out, _ = m.apply({"params": params}, x)
+  p = params["layers_0"]
+  media, lat = np.asarray(x)[0, 0, 0], params["latents"]
+  a = p["attn"]
+  lm, ll = _ln(media, a["norm_media"]), _ln(lat, a["norm_latents"])
+  kv_in = np.concatenate([lm, ll])
+  q = np.einsum("nd,dhk->hnk", ll, a["q"]["kernel"])
+  k = np.einsum("sd,dhk->hsk", kv_in, a["k"]["kernel"])
+  v = np.einsum("sd,dhk->hsk", kv_in, a["v"]["kernel"])
+  logits = np.einsum("hnk,hsk->hns", q, k) / 2.0  # dim_head ** -0.5
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  lat = lat + np.einsum("hnk,hkd->nd", np.einsum("hns,hsk->hnk", probs, v), a["o"]["kernel"])
+  f = p["ff"]
+  h = _ln(lat, f["norm"]) @ f["up"]["kernel"]
+  lat = lat + (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ f["down"]["kernel"]  # exact-erf GELU
+  ref = _ln(lat, params["norm"])
+  np.testing.assert_allclose(np.asarray(out)[0, 0], ref, atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vlm_jax.models import flamingo, llama
-from vlm_jax.train.state import flatten, unflatten
+from vlm_jax.param_paths import flatten, unflatten
 
 LM = dict(vocab_size=40, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=48)
 CFG = dict(vision=dict(image_size=16, patch_size=8, width=16, depth=1, heads=2),

@@ -1,14 +1,11 @@
-"""Load `configs/<name>.py` the way `--config=configs/<name>.py:<arg>` does (tests only)."""
+"""`load_config("flamingo", "tiny")` for tests: the repository's `configs/<name>.py`."""
 
-import importlib.util
 import os
+
+from vlm_jax.config_base import load_config as _load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config(name: str, arg: str | None = None):
-  path = os.path.join(ROOT, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return _load(os.path.join(ROOT, "configs", f"{name}.py"), arg)

@@ -16,7 +16,7 @@ from vlm_jax.models import build_model
 from vlm_jax.train import trainer
 from vlm_jax.train.checkpointing import Checkpointer
 from vlm_jax.train.losses import get_loss
-from vlm_jax.train.state import flatten
+from vlm_jax.param_paths import flatten
 from vlm_jax.train.step import make_train_step
 
 from tests.train.configs_loader import load_config

@@ -21,7 +21,7 @@ from vlm_jax.convert import llama as llama_conv
 from vlm_jax.convert.mapping import to_ours, to_theirs
 from vlm_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
 from vlm_jax.models import gpt_neox, llama, vit
-from vlm_jax.train.state import flatten, unflatten
+from vlm_jax.param_paths import flatten, unflatten
 
 # model_type -> (converter module, model module)
 FAMILIES = {**{t: (llama_conv, llama) for t in llama_conv.MODEL_TYPES},

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlm_jax.data.tokenizer import EOC_TOKEN, EOS_TOKEN, MEDIA_TOKEN
+from vlm_jax.data.special_tokens import EOC_TOKEN, EOS_TOKEN, MEDIA_TOKEN
 
 # Saturated, well separated colours; the background and hires distractors are (nearly) grey so the
 # target colour is always the only saturated one in an image.

@@ -21,20 +21,11 @@ import os
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-PAD_TOKEN = "<PAD>"
-EOS_TOKEN = "<|endoftext|>"
-UNK_TOKEN = "<unk>"
-MEDIA_TOKEN = "<image>"
-EOC_TOKEN = "<|endofchunk|>"
-
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
-MEDIA_ID = 3
-EOC_ID = 4
-
-# Order defines the ids above; keep the two in sync.
-SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN, MEDIA_TOKEN, EOC_TOKEN)
+from vlm_jax.data import synthetic
+# Re-exported: the tokenizer module is where callers look for the special tokens and their ids.
+from vlm_jax.data.special_tokens import (  # noqa: F401
+  EOC_ID, EOC_TOKEN, EOS_ID, EOS_TOKEN, MEDIA_ID, MEDIA_TOKEN, PAD_ID, PAD_TOKEN, SPECIAL_TOKENS, UNK_ID,
+  UNK_TOKEN)
 
 # The spec accepted by `load_tokenizer` for the built-in tokenizer.
 SYNTHETIC_SPEC = "synthetic"
@@ -43,9 +34,6 @@ SYNTHETIC_SPEC = "synthetic"
 @functools.cache
 def _synthetic_tokenizer_json() -> str:
   """The synthetic tokenizer serialized to JSON; built once per process, then cached."""
-  # Imported here, not at module level: `synthetic` imports the special-token strings from this module.
-  from vlm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-
   vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
   for word in synthetic.WORDS:
     if word in vocab:
@@ -84,17 +72,8 @@ def synthetic_tokenizer() -> tokenizers.Tokenizer:
 
 def synthetic_vocab_size() -> int:
   """Vocabulary size of `synthetic_tokenizer()` (special tokens + corpus words)."""
-  from vlm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-
   return len(SPECIAL_TOKENS) + len(synthetic.WORDS)
 
-
-def __getattr__(name: str):
-  # `SYNTHETIC_VOCAB_SIZE` is computed lazily (PEP 562) because the word list lives in `synthetic`,
-  # which itself imports this module; `from ... import SYNTHETIC_VOCAB_SIZE` works all the same.
-  if name == "SYNTHETIC_VOCAB_SIZE":
-    return synthetic_vocab_size()
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_tokenizer(spec: str) -> tokenizers.Tokenizer:

@@ -6,10 +6,11 @@
   images (colour and shape questions; answers are single tokens, the argmax is over the whole vocab).
   `zero_params` (regex) zeroes matching params first: with `xattn_\\d+/(attn|ff)_gate` it evaluates the same
   model with every tanh gate forced to 0, i.e. the bare LM, which can only guess.
-- `loss`: mean next-token cross-entropy and token accuracy over held-out batches of `config.data`.
+- `loss`: mean training loss and token accuracy over held-out batches of `config.data`.
+
+Evaluators get the training loss function from the caller, so this room does not import the trainer.
 """
 
-import re
 from typing import Any
 
 import jax
@@ -23,17 +24,15 @@ from vlm_jax.data.interleaved import encode_prompt
 from vlm_jax.data.pipeline import make_dataset
 from vlm_jax.data.synthetic import SyntheticSource
 from vlm_jax.data.tokenizer import load_tokenizer
-from vlm_jax.train.losses import get_loss
-from vlm_jax.train.state import flatten, unflatten
+from vlm_jax.param_paths import flatten, matching, unflatten
 
 
 def zero_matching(params: Any, regex: str | None) -> Any:
   """Params with every leaf whose path matches `regex` replaced by zeros."""
   if not regex:
     return params
-  pattern = re.compile(regex)
   flat = flatten(params)
-  hits = [k for k in flat if pattern.search(k)]
+  hits = matching(flat, regex)
   if not hits:
     raise ValueError(f"evals.*.zero_params={regex!r} matches no parameter")
   return unflatten({k: (jnp.zeros_like(v) if k in hits else v) for k, v in flat.items()})
@@ -50,7 +49,8 @@ def _pad_batch(arrays: list[np.ndarray], size: int) -> np.ndarray:
 class SyntheticVQA:
   """Next-token answer accuracy on the held-out synthetic VQA split (+ per question type)."""
 
-  def __init__(self, name: str, cfg, config, model, mesh, rules):
+  def __init__(self, name: str, cfg, config, model, mesh, rules, loss_fn):
+    del loss_fn  # accuracy only
     self.name, self.mesh = name, mesh
     self.suffix = cfg.get("suffix", "")
     self.zero_params = cfg.get("zero_params")
@@ -109,12 +109,11 @@ class SyntheticVQA:
 class HeldOutLoss:
   """Mean next-token CE over `num_batches` held-out batches of `config.data`."""
 
-  def __init__(self, name: str, cfg, config, model, mesh, rules):
+  def __init__(self, name: str, cfg, config, model, mesh, rules, loss_fn):
     self.name, self.mesh, self.rules = name, mesh, rules
     self.suffix = cfg.get("suffix", "")
     self.num_batches = int(cfg.get("num_batches", 4))
     self.config = config
-    loss_fn = get_loss(config.loss)
 
     def eval_loss(params, batch):
       logits, _ = model.apply({"params": params}, **batch["inputs"])
@@ -141,11 +140,12 @@ class HeldOutLoss:
 EVALUATORS = {"synthetic_vqa": SyntheticVQA, "loss": HeldOutLoss}
 
 
-def build_evaluators(config, model, mesh, rules) -> list:
+def build_evaluators(config, model, mesh, rules, loss_fn) -> list:
+  """loss_fn(logits, labels) -> (loss, {"num_tokens", "correct"}), as in `vlm_jax.train.losses`."""
   out = []
   for name, cfg in sorted(dict(config.get("evals") or {}).items()):
     kind = cfg.get("type")
     if kind not in EVALUATORS:
       raise ValueError(f"config.evals.{name}.type={kind!r} is not one of {sorted(EVALUATORS)}")
-    out.append(EVALUATORS[kind](name, cfg, config, model, mesh, rules))
+    out.append(EVALUATORS[kind](name, cfg, config, model, mesh, rules, loss_fn))
   return out

@@ -7,9 +7,13 @@ from flax import linen as nn
 FAMILIES = ("vit", "llama", "gpt_neox", "flamingo")
 
 
-def build_model(name: str, kwargs) -> nn.Module:
-  """`config.model_name` + `config.model` -> a linen Module; unknown names fail naming the field."""
+def model_class(name: str, field: str = "config.model_name") -> type[nn.Module]:
+  """`vlm_jax.models.<name>.Model`; an unknown name fails naming the config field that gave it."""
   if name not in FAMILIES:
-    raise ValueError(f"config.model_name {name!r} is not one of {FAMILIES}")
-  module = importlib.import_module(f"vlm_jax.models.{name}")
-  return module.Model(**dict(kwargs))
+    raise ValueError(f"{field} {name!r} is not one of {FAMILIES}")
+  return importlib.import_module(f"vlm_jax.models.{name}").Model
+
+
+def build_model(name: str, kwargs) -> nn.Module:
+  """`config.model_name` + `config.model` -> a linen Module."""
+  return model_class(name)(**dict(kwargs))

@@ -18,7 +18,6 @@ what the released OpenFlamingo models were trained with) or "post_ln_post" (LN_p
 token, what open_clip >= 2.23 returns).
 """
 
-import importlib
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 
 from vlm_jax.layers.gated_xattn import GatedCrossAttentionBlock, media_text_time
 from vlm_jax.layers.resampler import PerceiverResampler
-from vlm_jax.models import vit
+from vlm_jax.models import model_class, vit
 
 Dtype = Any
 LM_FAMILIES = ("llama", "gpt_neox")
@@ -100,7 +99,7 @@ class Model(nn.Module):
     def before_layer(i: int, h: jax.Array) -> jax.Array:
       return blocks[i](h, media, text_time)[0] if i in blocks else h
 
-    lm_module = importlib.import_module(f"vlm_jax.models.{self.lm_family}").Model
+    lm_module = model_class(self.lm_family, "model.lm_family")
     logits, laux = lm_module(name="lm", **kw, **lm_cfg)(input_ids, attention_mask,
                                                         before_layer=before_layer)
     return logits, {"media": media, "text_time": text_time, "lm": laux}

@@ -60,9 +60,9 @@ class Model(llama.Model):
       raise ValueError("lm.num_kv_heads: GPT-NeoX has no grouped-query attention")
     super().__post_init__()
 
-  def decoder_layer(self, i: int, head_dim: int, kv_heads: int, kw: dict) -> nn.Module:
-    rotary_dim = int(head_dim * self.rotary_pct)
-    return DecoderLayer(self.num_heads, head_dim, self.mlp_dim, self.rope_theta,
+  def decoder_layer(self, i: int, kw: dict) -> nn.Module:
+    rotary_dim = int(self.dim_per_head * self.rotary_pct)
+    return DecoderLayer(self.num_heads, self.dim_per_head, self.mlp_dim, self.rope_theta,
                         rotary_dim - rotary_dim % 2, self.norm_eps, self.use_parallel_residual,
                         name=f"layers_{i}", **kw)
 

@@ -75,6 +75,14 @@ class Model(nn.Module):
                        f"({self.num_kv_heads})")
     super().__post_init__()
 
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
   @nn.compact
   def __call__(
     self,
@@ -97,13 +105,11 @@ class Model(nn.Module):
     embed = token_embed(self.vocab_size, self.hidden_size, name="embed", **kw)
     x = embed(input_ids)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-    head_dim = self.head_dim or self.hidden_size // self.num_heads
-    kv_heads = self.num_kv_heads or self.num_heads
     new_caches, probs = [], []
     for i in range(self.num_layers):
       if before_layer is not None:
         x = before_layer(i, x)
-      x, aux = self.decoder_layer(i, head_dim, kv_heads, kw)(
+      x, aux = self.decoder_layer(i, kw)(
         x, mask, positions, None if caches is None else caches[i], return_probs)
       new_caches.append(aux["cache"])
       probs.append(aux["probs"])
@@ -117,15 +123,14 @@ class Model(nn.Module):
     return logits.astype(jnp.float32), aux
 
   # The two places where decoder families differ; subclasses (vlm_jax.models.gpt_neox) override them.
-  def decoder_layer(self, i: int, head_dim: int, kv_heads: int, kw: dict) -> nn.Module:
-    return DecoderLayer(self.num_heads, kv_heads, head_dim, self.mlp_dim, self.rope_theta,
-                        self.norm_eps, name=f"layers_{i}", **kw)
+  def decoder_layer(self, i: int, kw: dict) -> nn.Module:
+    return DecoderLayer(self.num_heads, self.kv_heads, self.dim_per_head, self.mlp_dim,
+                        self.rope_theta, self.norm_eps, name=f"layers_{i}", **kw)
 
   def final_norm(self, kw: dict) -> nn.Module:
     return RMSNorm(self.norm_eps, name="norm", **kw)
 
   def init_caches(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
     """Empty KV caches for generation: one per layer, float[B, max_len, K, D]."""
-    head_dim = self.head_dim or self.hidden_size // self.num_heads
-    return [KVCache.zeros(batch, max_len, self.num_kv_heads or self.num_heads, head_dim, dtype)
+    return [KVCache.zeros(batch, max_len, self.kv_heads, self.dim_per_head, dtype)
             for _ in range(self.num_layers)]

@@ -13,7 +13,8 @@ from typing import Any
 
 import jax
 
-from vlm_jax.train.state import TrainState, flatten, unflatten
+from vlm_jax.param_paths import flatten, unflatten
+from vlm_jax.train.state import TrainState
 
 
 def load_initial_weights(config, workdir: str, state: TrainState, abstract_state: TrainState

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlm_jax.train.state import flatten, path_mask, unflatten
+from vlm_jax.param_paths import flatten, unflatten
+from vlm_jax.train.state import path_mask
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:

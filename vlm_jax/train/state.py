@@ -6,12 +6,12 @@ of the state: they are never differentiated and the optimizer never sees them, s
 state and stay bit-identical.
 """
 
-import re
 from typing import Any
 
 import flax
 import jax
-from flax import traverse_util
+
+from vlm_jax.param_paths import flatten, matching, unflatten
 
 Params = Any
 
@@ -31,19 +31,10 @@ class TrainState:
     return merge_params(self.trainable, self.frozen)
 
 
-def flatten(params: Params) -> dict[str, Any]:
-  return traverse_util.flatten_dict(params, sep="/")
-
-
-def unflatten(flat: dict[str, Any]) -> Params:
-  return traverse_util.unflatten_dict(flat, sep="/")
-
-
 def split_params(params: Params, trainable_regex: str) -> tuple[Params, Params]:
   """(params) -> (trainable, frozen) by `re.search(trainable_regex, path)`; errors if nothing trains."""
-  pattern = re.compile(trainable_regex)
   flat = flatten(params)
-  trainable = {k: v for k, v in flat.items() if pattern.search(k)}
+  trainable = {k: flat[k] for k in matching(flat, trainable_regex)}
   if not trainable:
     raise ValueError(f"config.trainable={trainable_regex!r} matches no parameter; "
                      f"paths look like {sorted(flat)[:3]}")
@@ -57,5 +48,6 @@ def merge_params(trainable: Params, frozen: Params) -> Params:
 
 def path_mask(params: Params, regex: str | None) -> Params:
   """A tree of bools with the structure of `params`: True where the path matches `regex`."""
-  pattern = re.compile(regex) if regex else None
-  return unflatten({k: bool(pattern and pattern.search(k)) for k in flatten(params)})
+  flat = flatten(params)
+  hits = matching(flat, regex)
+  return unflatten({k: k in hits for k in flat})

@@ -114,7 +114,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     p_step = jax.jit(make_train_step(model, tx, loss_fn), donate_argnums=(0,),
                      out_shardings=(state_sharding, repl))
-  evaluators = build_evaluators(config, model, mesh, rules)
+  evaluators = build_evaluators(config, model, mesh, rules, loss_fn)
   schedule = learning_rate_schedule(config.optimizer)
   logger = MetricLogger(workdir, config.total_steps, prefix=f"[{stage}] ")
   base_rng = jax.random.PRNGKey(config.seed + 1)
