@@ -14,14 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from vlm_jax.convert import clip as clip_conv
 from vlm_jax.convert import gpt_neox as gpt_neox_conv
 from vlm_jax.convert import llama as llama_conv
-from vlm_jax.convert.mapping import to_ours, to_theirs
+from vlm_jax.convert.loading import load_params
+from vlm_jax.convert.mapping import to_theirs
 from vlm_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
 from vlm_jax.models import gpt_neox, llama, vit
-from vlm_jax.param_paths import flatten, unflatten
+from vlm_jax.param_paths import flatten
 
 # model_type -> (converter module, model module)
 FAMILIES = {**{t: (llama_conv, llama) for t in llama_conv.MODEL_TYPES},
@@ -44,26 +46,22 @@ def _family(hf: dict, path: str):
   return FAMILIES[model_type]
 
 
-def abstract_shapes(model: nn.Module, *inputs) -> dict[str, tuple]:
-  """Flat `{path: shape}` of a model's params, without allocating them."""
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)["params"]
-  return {k: tuple(v.shape) for k, v in flatten(nn.unbox(boxed)).items()}
-
-
-def load_hf_lm(path: str) -> tuple[nn.Module, Any]:
+def load_hf_lm(path: str, *, mesh: Mesh | None = None,
+               logical_rules=None) -> tuple[nn.Module, Any]:
   """An HF causal-LM directory -> (model, params) with `model.apply({"params": params}, input_ids,
-  attention_mask)` giving the HF model's logits first."""
+  attention_mask)` giving the HF model's logits first. With `mesh`, params land on their shards."""
   hf = read_hf_config(path)
   conv, family = _family(hf, path)
   kwargs = conv.model_kwargs_from_hf(hf, f"{path}/config.json")
   model = family.Model(**kwargs)
-  shapes = abstract_shapes(model, jnp.zeros((1, 1), jnp.int32))
-  reader = CheckpointReader(path)
-  flat = to_ours(reader, conv.rules(kwargs), shapes, source_name=path, ignore=conv.ignore)
-  return model, unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  params = load_params(model, [jnp.zeros((1, 1), jnp.int32)], CheckpointReader(path),
+                       conv.rules(kwargs), source_name=path, ignore=conv.ignore, mesh=mesh,
+                       logical_rules=logical_rules)
+  return model, params
 
 
-def load_hf_clip_vision(path: str) -> tuple[nn.Module, Any]:
+def load_hf_clip_vision(path: str, *, mesh: Mesh | None = None,
+                        logical_rules=None) -> tuple[nn.Module, Any]:
   """An HF CLIPVisionModel / CLIPModel directory -> (ViT model, params). The model takes NHWC float
   images and returns the last hidden state first, all hidden states in aux["hidden_states"]."""
   hf = read_hf_config(path)
@@ -73,11 +71,12 @@ def load_hf_clip_vision(path: str) -> tuple[nn.Module, Any]:
   kwargs = clip_conv.model_kwargs_from_hf(hf, f"{path}/config.json")
   model = vit.Model(**kwargs)
   s = kwargs["image_size"]
-  shapes = abstract_shapes(model, jnp.zeros((1, s, s, 3), jnp.float32))
   reader = CheckpointReader(path)
   rules = clip_conv.rules(kwargs, clip_conv.key_prefix(reader.keys()))
-  flat = to_ours(reader, rules, shapes, source_name=path, ignore=clip_conv.ignore)
-  return model, unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  params = load_params(model, [jnp.zeros((1, s, s, 3), jnp.float32)], reader, rules,
+                       source_name=path, ignore=clip_conv.ignore, mesh=mesh,
+                       logical_rules=logical_rules)
+  return model, params
 
 
 def model_kwargs(model: nn.Module) -> dict[str, Any]:

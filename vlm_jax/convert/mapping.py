@@ -73,8 +73,11 @@ def linear_with_bias(ours: str, theirs: str) -> list[Rule]:
 
 def to_ours(source: Mapping[str, Array] | object, rules: Iterable[Rule],
             expected_shapes: Mapping[str, tuple], *, source_name: str,
-            ignore: Callable[[str], bool] = lambda k: False) -> dict[str, Array]:
-  """Source tensors -> flat `{our path: array}`; every rule must apply and every source key be used."""
+            ignore: Callable[[str], bool] = lambda k: False,
+            place: Callable[[str, Array], object] = lambda name, value: value) -> dict[str, object]:
+  """Source tensors -> flat `{our path: place(path, array)}`; every rule must apply and every source key
+  be used. Tensors are read and converted one rule at a time and handed to `place` (e.g. a device_put
+  onto the param's shards), so the host never holds the whole converted model next to the source."""
   rules = list(rules)
   out = {}
   for r in rules:
@@ -91,7 +94,8 @@ def to_ours(source: Mapping[str, Array] | object, rules: Iterable[Rule],
         shapes = ", ".join(f"{t!r} has shape {tuple(x.shape)}" for t, x in zip(r.theirs_names, inputs))
         raise ValueError(f"{source_name}: tensor {shapes}, which gives {tuple(value.shape)} for our "
                          f"{name!r}; expected {want}")
-      out[name] = value
+      out[name] = place(name, value)
+    del inputs, values
   used = {t for r in rules for t in r.theirs_names}
   unexpected = [k for k in source.keys() if k not in used and not ignore(k)]
   if unexpected:

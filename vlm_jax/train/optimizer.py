@@ -9,7 +9,6 @@ optimizer state at all.
 
 from typing import Any, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import optax
 
