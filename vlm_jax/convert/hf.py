@@ -19,15 +19,20 @@ from jax.sharding import Mesh
 from vlm_jax.convert import clip as clip_conv
 from vlm_jax.convert import gpt_neox as gpt_neox_conv
 from vlm_jax.convert import llama as llama_conv
-from vlm_jax.convert.loading import load_params
+from vlm_jax.convert import mpt as mpt_conv
+from vlm_jax.convert.loading import Part, load_params
 from vlm_jax.convert.mapping import to_theirs
-from vlm_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
+from vlm_jax.convert.safetensors_io import write_checkpoint
+from vlm_jax.convert.sources import open_state_dict
 from vlm_jax.models import gpt_neox, llama, vit
+from vlm_jax.models import mpt
 from vlm_jax.param_paths import flatten
 
 # model_type -> (converter module, model module)
 FAMILIES = {**{t: (llama_conv, llama) for t in llama_conv.MODEL_TYPES},
-            **{t: (gpt_neox_conv, gpt_neox) for t in gpt_neox_conv.MODEL_TYPES}}
+            **{t: (gpt_neox_conv, gpt_neox) for t in gpt_neox_conv.MODEL_TYPES},
+            **{t: (mpt_conv, mpt) for t in mpt_conv.MODEL_TYPES},
+            **{t: (mpt_conv.MosaicGpt, mpt) for t in mpt_conv.MosaicGpt.MODEL_TYPES}}
 
 
 def read_hf_config(path: str) -> dict:
@@ -38,7 +43,8 @@ def read_hf_config(path: str) -> dict:
     return json.load(f)
 
 
-def _family(hf: dict, path: str):
+def family(hf: dict, path: str):
+  """config.json -> (converter module, model module) of its `model_type`."""
   model_type = hf.get("model_type")
   if model_type not in FAMILIES:
     raise ValueError(f"{path}/config.json: model_type {model_type!r} is not supported; "
@@ -51,12 +57,12 @@ def load_hf_lm(path: str, *, mesh: Mesh | None = None,
   """An HF causal-LM directory -> (model, params) with `model.apply({"params": params}, input_ids,
   attention_mask)` giving the HF model's logits first. With `mesh`, params land on their shards."""
   hf = read_hf_config(path)
-  conv, family = _family(hf, path)
+  conv, family_module = family(hf, path)
   kwargs = conv.model_kwargs_from_hf(hf, f"{path}/config.json")
-  model = family.Model(**kwargs)
-  params = load_params(model, [jnp.zeros((1, 1), jnp.int32)], CheckpointReader(path),
-                       conv.rules(kwargs), source_name=path, ignore=conv.ignore, mesh=mesh,
-                       logical_rules=logical_rules)
+  model = family_module.Model(**kwargs)
+  params = load_params(model, [jnp.zeros((1, 1), jnp.int32)],
+                       [Part(open_state_dict(path), conv.rules(kwargs), path, conv.ignore)],
+                       mesh=mesh, logical_rules=logical_rules)
   return model, params
 
 
@@ -71,10 +77,10 @@ def load_hf_clip_vision(path: str, *, mesh: Mesh | None = None,
   kwargs = clip_conv.model_kwargs_from_hf(hf, f"{path}/config.json")
   model = vit.Model(**kwargs)
   s = kwargs["image_size"]
-  reader = CheckpointReader(path)
-  rules = clip_conv.rules(kwargs, clip_conv.key_prefix(reader.keys()))
-  params = load_params(model, [jnp.zeros((1, s, s, 3), jnp.float32)], reader, rules,
-                       source_name=path, ignore=clip_conv.ignore, mesh=mesh,
+  reader = open_state_dict(path)
+  rules = clip_conv.rules(kwargs, clip_conv.key_prefix(reader))
+  params = load_params(model, [jnp.zeros((1, s, s, 3), jnp.float32)],
+                       [Part(reader, rules, path, clip_conv.ignore)], mesh=mesh,
                        logical_rules=logical_rules)
   return model, params
 

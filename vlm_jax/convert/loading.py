@@ -1,11 +1,16 @@
-"""Turning a source checkpoint into params placed where training wants them.
+"""Turning source checkpoints into params placed where training wants them.
 
 `load_params` reads one source tensor at a time, converts it with the family's rules and puts it on its
 device(s) right away: without a mesh on the default device, with a mesh directly onto the param's
 `NamedSharding` (each device gets only its slice, via `jax.make_array_from_callback`). Peak host memory
 is therefore the converted params plus one tensor, never two full copies of a 7B model.
+
+A composite model (OpenFlamingo: LM directory + CLIP directory + trainable checkpoint) is loaded from
+several `Part`s; each part is strict about its own source (every key used), and together they must cover
+every param of the model.
 """
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -15,8 +20,19 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from vlm_jax import sharding as sharding_lib
-from vlm_jax.convert.mapping import Rule, to_ours
+from vlm_jax.convert.mapping import Rule, check_keys, to_ours
 from vlm_jax.param_paths import flatten, unflatten
+
+
+@dataclasses.dataclass
+class Part:
+  """Tensors from one source: `{key: array}` read lazily, the rules that consume them, a name for errors,
+  and a predicate for keys that are deliberately unused (buffers, other towers)."""
+
+  source: Mapping[str, np.ndarray]
+  rules: list[Rule]
+  name: str
+  ignore: Callable[[str], bool] = lambda k: False
 
 
 def abstract_params(model: nn.Module, *inputs) -> Any:
@@ -24,17 +40,15 @@ def abstract_params(model: nn.Module, *inputs) -> Any:
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)["params"]
 
 
-def load_params(model: nn.Module, example_inputs: Sequence[Any], source: Mapping[str, np.ndarray],
-                rules: list[Rule], *, source_name: str,
-                ignore: Callable[[str], bool] = lambda k: False, mesh: Mesh | None = None,
+def load_params(model: nn.Module, example_inputs: Sequence[Any], parts: Sequence[Part], *,
+                mesh: Mesh | None = None,
                 logical_rules: Sequence[Sequence[Any]] | None = None) -> Any:
   """Source tensors -> the model's param tree (jax Arrays in the model's param dtype).
 
   Args:
     model: the flax module the params are for; `example_inputs` are `model.init`'s positional inputs
       (shapes only matter).
-    source: `{key: array}` read lazily (a `CheckpointReader`, a torch state dict converted per tensor).
-    rules: the family's conversion table; strict both ways (see `mapping.to_ours`).
+    parts: where the tensors come from (see `Part`); strict both ways (see `mapping.to_ours`).
     mesh, logical_rules: when given, each param lands on `NamedSharding(mesh, spec)` from its logical axis
       names, so a sharded model is loaded without ever materialising unsharded copies on a device.
   """
@@ -52,5 +66,19 @@ def load_params(model: nn.Module, example_inputs: Sequence[Any], source: Mapping
     return jax.make_array_from_callback(value.shape, shardings[name], lambda index: value[index])
 
   shapes = {k: tuple(v.shape) for k, v in abstract.items()}
-  flat = to_ours(source, rules, shapes, source_name=source_name, ignore=ignore, place=place)
+  for part in parts:  # names first: a wrong checkpoint fails before any tensor is read
+    check_keys(part.source, part.rules, source_name=part.name, ignore=part.ignore)
+  flat: dict[str, jax.Array] = {}
+  for part in parts:
+    got = to_ours(part.source, part.rules, shapes, source_name=part.name, ignore=part.ignore,
+                  place=place, require_all=False)
+    twice = sorted(set(got) & set(flat))
+    if twice:
+      raise ValueError(f"{part.name}: params {twice[:5]} were already loaded from another source")
+    flat.update(got)
+  missing = sorted(set(shapes) - set(flat))
+  if missing:
+    names = ", ".join(p.name for p in parts)
+    raise KeyError(f"{names}: our params {missing[:8]}{' ...' if len(missing) > 8 else ''} have no "
+                   "source tensor")
   return unflatten(flat)

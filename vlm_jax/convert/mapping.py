@@ -71,19 +71,42 @@ def linear_with_bias(ours: str, theirs: str) -> list[Rule]:
   return [linear(f"{ours}/kernel", f"{theirs}.weight"), identity(f"{ours}/bias", f"{theirs}.bias")]
 
 
-def to_ours(source: Mapping[str, Array] | object, rules: Iterable[Rule],
-            expected_shapes: Mapping[str, tuple], *, source_name: str,
-            ignore: Callable[[str], bool] = lambda k: False,
-            place: Callable[[str, Array], object] = lambda name, value: value) -> dict[str, object]:
-  """Source tensors -> flat `{our path: place(path, array)}`; every rule must apply and every source key
-  be used. Tensors are read and converted one rule at a time and handed to `place` (e.g. a device_put
-  onto the param's shards), so the host never holds the whole converted model next to the source."""
+def prefixed(rules: Iterable[Rule], ours: str = "", theirs: str = "") -> list[Rule]:
+  """The same rules with `ours` prepended to our param paths and `theirs` to the source keys (a family's
+  table reused inside a composite model: `lm/` + LLaMA rules, `vision_encoder.` + open_clip rules)."""
+  def add(prefix, names):
+    return tuple(prefix + n for n in names) if isinstance(names, tuple) else prefix + names
+  return [dataclasses.replace(r, ours=add(ours, r.ours), theirs=add(theirs, r.theirs)) for r in rules]
+
+
+def check_keys(source: Mapping[str, Array], rules: Iterable[Rule], *, source_name: str,
+               ignore: Callable[[str], bool] = lambda k: False) -> None:
+  """Names only, no tensor read: every key the rules need exists and every source key is used (or
+  ignored). Run before converting so a wrong checkpoint fails in seconds, not after loading 7B params."""
   rules = list(rules)
-  out = {}
   for r in rules:
     for t in r.theirs_names:
       if t not in source:
         raise KeyError(f"{source_name}: missing tensor {t!r} (needed for our params {r.ours_names})")
+  used = {t for r in rules for t in r.theirs_names}
+  unexpected = [k for k in source.keys() if k not in used and not ignore(k)]
+  if unexpected:
+    raise ValueError(f"{source_name}: unexpected tensors no rule maps (wrong model family or config?): "
+                     f"{sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+
+def to_ours(source: Mapping[str, Array] | object, rules: Iterable[Rule],
+            expected_shapes: Mapping[str, tuple], *, source_name: str,
+            ignore: Callable[[str], bool] = lambda k: False,
+            place: Callable[[str, Array], object] = lambda name, value: value,
+            require_all: bool = True) -> dict[str, object]:
+  """Source tensors -> flat `{our path: place(path, array)}`; every rule must apply and every source key
+  be used. Tensors are read and converted one rule at a time and handed to `place` (e.g. a device_put
+  onto the param's shards), so the host never holds the whole converted model next to the source."""
+  rules = list(rules)
+  check_keys(source, rules, source_name=source_name, ignore=ignore)
+  out = {}
+  for r in rules:
     inputs = [np.asarray(source[t]) for t in r.theirs_names]
     values = _as_tuple(r.to_ours(*inputs))
     for name, value in zip(r.ours_names, values):
@@ -96,13 +119,8 @@ def to_ours(source: Mapping[str, Array] | object, rules: Iterable[Rule],
                          f"{name!r}; expected {want}")
       out[name] = place(name, value)
     del inputs, values
-  used = {t for r in rules for t in r.theirs_names}
-  unexpected = [k for k in source.keys() if k not in used and not ignore(k)]
-  if unexpected:
-    raise ValueError(f"{source_name}: unexpected tensors no rule maps (wrong model family or config?): "
-                     f"{sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}")
   missing = sorted(set(expected_shapes) - set(out))
-  if missing:
+  if require_all and missing:
     raise KeyError(f"{source_name}: our params {missing[:8]} have no source tensor")
   return out
 

@@ -16,6 +16,7 @@ special id should ask the tokenizer (`special_token_id`) rather than assume the 
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import tokenizers
@@ -125,3 +126,28 @@ def special_token_id(tokenizer: tokenizers.Tokenizer, token: str) -> int:
       "special token before using this tokenizer with vlm_jax."
     )
   return int(token_id)
+
+
+def openflamingo_tokenizer(path: str) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
+  """An HF LM tokenizer directory with the tokens OpenFlamingo adds, in its order: `<|endofchunk|>`,
+  `<image>` (as additional special tokens), then `<PAD>` if `tokenizer_config.json` names no pad token
+  (GPT-NeoX / MPT / LLaMA tokenizers). New tokens take the next free ids, as `add_special_tokens` does
+  in transformers, so the ids match the rows OpenFlamingo's resized embedding gives them.
+
+  Returns the tokenizer and `{"media": id, "endofchunk": id, "pad": id}`.
+  """
+  tok = load_tokenizer(path)
+  tok.add_special_tokens(["<|endofchunk|>", "<image>"])
+  pad = None
+  config = os.path.join(path, "tokenizer_config.json") if os.path.isdir(path) else None
+  if config and os.path.isfile(config):
+    with open(config) as f:
+      pad = json.load(f).get("pad_token")
+    if isinstance(pad, dict):  # older transformers store AddedToken dicts
+      pad = pad.get("content")
+  if pad is None:
+    pad = "<PAD>"
+    tok.add_special_tokens([pad])
+  ids = {"media": special_token_id(tok, "<image>"), "endofchunk": special_token_id(tok, "<|endofchunk|>"),
+         "pad": special_token_id(tok, pad)}
+  return tok, ids
