@@ -53,5 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, max_to_keep=3, async_save=True))
   c.data = ml_collections.ConfigDict()
   c.evals = ml_collections.ConfigDict()
-  c.init = ml_collections.ConfigDict({"stage": None, "stage_prefix": ""})
+  # Initial weights: an earlier stage (trained first) and/or a directory from `python -m vlm_jax.convert`
+  # (with config.model_name = "" its model.json also supplies the model config).
+  c.init = ml_collections.ConfigDict({"stage": None, "stage_prefix": "",
+                                      "checkpoint": ml_collections.config_dict.placeholder(str),
+                                      "checkpoint_prefix": ""})
   return c

@@ -82,7 +82,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.get("sharding_rules"))
-  model = build_model(config.model_name, config.model)
+  model = build_model(*init_lib.model_config(config))
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size ({config.batch_size}) must be divisible by the number of "
                      f"processes ({jax.process_count()})")
