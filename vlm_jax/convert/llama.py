@@ -54,16 +54,18 @@ def hf_config(kw: dict[str, Any]) -> dict[str, Any]:
   }
 
 
-def rules(kw: dict[str, Any]) -> list[Rule]:
+def rules(kw: dict[str, Any], prefix: str = "model.", head: str = "lm_head.") -> list[Rule]:
+  """`prefix` / `head` are where the decoder and the output head sit in the checkpoint; composites
+  move them (LLaVA-HF: `language_model.model.` / `language_model.lm_head.`)."""
   h = kw["num_heads"]
   kvh = kw.get("num_kv_heads") or h
   dh = kw.get("head_dim") or kw["hidden_size"] // h
-  out = [identity("embed/embedding", "model.embed_tokens.weight"),
-         identity("norm/scale", "model.norm.weight")]
+  out = [identity("embed/embedding", f"{prefix}embed_tokens.weight"),
+         identity("norm/scale", f"{prefix}norm.weight")]
   if not kw.get("tie_embeddings"):
-    out.append(linear("lm_head/kernel", "lm_head.weight"))
+    out.append(linear("lm_head/kernel", f"{head}weight"))
   for i in range(kw["num_layers"]):
-    o, t = f"layers_{i}", f"model.layers.{i}"
+    o, t = f"layers_{i}", f"{prefix}layers.{i}"
     out += [
       linear_to_heads(f"{o}/attn/q/kernel", f"{t}.self_attn.q_proj.weight", h, dh),
       linear_to_heads(f"{o}/attn/k/kernel", f"{t}.self_attn.k_proj.weight", kvh, dh),

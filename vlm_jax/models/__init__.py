@@ -4,7 +4,7 @@ import importlib
 
 from flax import linen as nn
 
-FAMILIES = ("vit", "llama", "gpt_neox", "flamingo")
+FAMILIES = ("vit", "llama", "gpt_neox", "flamingo", "llava")
 
 
 def model_class(name: str, field: str = "config.model_name") -> type[nn.Module]:

@@ -6,6 +6,8 @@
 
 `before_layer(i, h) -> h` is a hook run before decoder layer i; Flamingo inserts its gated xattn blocks
 through it (OpenFlamingo's `FlamingoLayer`: xattn first, then the LM's own decoder layer).
+`embed_hook(h_0) -> h_0` rewrites the token embeddings float[B, T, D] before the first layer; LLaVA
+scatters its projected image features into the image-token rows through it.
 With `caches` (one `KVCache` per layer) the call appends this call's keys/values and `attention_mask`
 covers the whole cache (`[B, S_max]`, 1 = a real key), as in HF generation.
 """
@@ -92,6 +94,7 @@ class Model(nn.Module):
     caches: Sequence[KVCache] | None = None,
     before_layer: Callable[[int, jax.Array], jax.Array] | None = None,
     return_probs: bool = False,
+    embed_hook: Callable[[jax.Array], jax.Array] | None = None,
   ) -> tuple[jax.Array, dict]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t = input_ids.shape
@@ -104,6 +107,8 @@ class Model(nn.Module):
     mask = causal_padding_mask(attention_mask, q_offset=offset, num_queries=t)
     embed = token_embed(self.vocab_size, self.hidden_size, name="embed", **kw)
     x = embed(input_ids)
+    if embed_hook is not None:
+      x = embed_hook(x)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     new_caches, probs = [], []
     for i in range(self.num_layers):
