@@ -13,6 +13,16 @@ Presets (the text after ':'):
   forced to 0 (`eval/accuracy_gates_off`, near chance) in `<workdir>/results.json`. About 5 minutes on
   2 CPU cores.
 - tiny: the same two stages at toy size and a handful of steps (used by the tests).
+- of3b, of3b_instruct, of4b, of4b_instruct, of9b: the five released OpenFlamingo v2 models with their
+  exact shapes (CLIP ViT-L/14 at 224 px, pre-ln_post patch tokens, a 6-layer resampler with 64 latents,
+  8x64 xattn heads every 1 / 2 / 4 layers, the LM vocabulary resized to 50280 for the three added tokens)
+  and OpenFlamingo's training recipe (AdamW 1e-4, constant after 1875 warmup steps, wd 0.1 on xattn,
+  clip 1.0). Convert the release first, then train or evaluate from it:
+    python -m vlm_jax.convert openflamingo --checkpoint OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt \
+      --lm mpt-1b-redpajama-200b --vision clip-vit-large-patch14 --cross-attn-every-n-layers 1 --out of3b
+    python -m vlm_jax.main --config=configs/flamingo.py:of3b --config.init.checkpoint=of3b \
+      --config.data.tokenizer=openflamingo:mpt-1b-redpajama-200b --workdir=runs/of3b
+  (The data here is still the synthetic interleaved corpus at 224 px; MMC4 / LAION readers are issue 4.)
 """
 
 import ml_collections
@@ -20,7 +30,29 @@ import ml_collections
 from vlm_jax.config_base import base_config, check_preset
 from vlm_jax.data import tokenizer as tok
 
-PRESETS = ("default", "tiny")
+# HF ids: openflamingo/<name> for the checkpoint, and the LM it was trained on. Every LM uses the
+# GPT-NeoX-20B tokenizer (50277 tokens), so OpenFlamingo's added tokens get the same ids in all five:
+# <|endofchunk|> 50277, <image> 50278, <PAD> 50279, and the embedding is resized to 50280 rows.
+OF_VOCAB, OF_MEDIA_ID, OF_EOC_ID = 50280, 50278, 50277
+_MPT_1B = dict(vocab_size=OF_VOCAB, hidden_size=2048, num_layers=24, num_heads=16, mlp_dim=8192,
+               norm_eps=1e-5, use_bias=False, qk_norm=True, clip_qkv=None, alibi_bias_max=8.0,
+               tie_embeddings=True)  # anas-awadalla/mpt-1b-redpajama-200b(-dolly), MosaicGPT
+_MPT_7B = dict(vocab_size=OF_VOCAB, hidden_size=4096, num_layers=32, num_heads=32, mlp_dim=16384,
+               norm_eps=1e-5, use_bias=False, qk_norm=False, clip_qkv=None, alibi_bias_max=8.0,
+               tie_embeddings=True)  # anas-awadalla/mpt-7b
+_RPJ_3B = dict(vocab_size=OF_VOCAB, hidden_size=2560, num_layers=32, num_heads=32, mlp_dim=10240,
+               rotary_pct=1.0, use_parallel_residual=False, norm_eps=1e-5, rope_theta=10000.0,
+               tie_embeddings=False)  # togethercomputer/RedPajama-INCITE-{Base,Instruct}-3B-v1
+OPENFLAMINGO = {  # preset: (HF checkpoint, LM family, LM kwargs, cross_attn_every_n_layers, train <image> rows)
+  "of3b": ("OpenFlamingo-3B-vitl-mpt1b", "mpt", _MPT_1B, 1, True),
+  "of3b_instruct": ("OpenFlamingo-3B-vitl-mpt1b-langinstruct", "mpt", _MPT_1B, 1, True),
+  "of4b": ("OpenFlamingo-4B-vitl-rpj3b", "gpt_neox", _RPJ_3B, 2, False),
+  "of4b_instruct": ("OpenFlamingo-4B-vitl-rpj3b-langinstruct", "gpt_neox", _RPJ_3B, 2, False),
+  "of9b": ("OpenFlamingo-9B-vitl-mpt7b", "mpt", _MPT_7B, 4, True),
+}
+VIT_L14 = dict(image_size=224, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096,
+               act="quick_gelu", norm_eps=1e-5)  # openai/clip-vit-large-patch14
+PRESETS = ("default", "tiny", *OPENFLAMINGO)
 # Trained in the Flamingo stage: resampler, xattn blocks, and the LM input embedding table, of which the
 # gradient row mask keeps only the <image> and <|endofchunk|> rows (OpenFlamingo).
 FLAMINGO_TRAINABLE = r"^(resampler|xattn_\d+)/|^lm/embed/embedding$"
@@ -64,8 +96,41 @@ def lm_pretrain_config(s: dict) -> ml_collections.ConfigDict:
   return c
 
 
+def openflamingo_config(preset: str) -> ml_collections.ConfigDict:
+  """A released OpenFlamingo model: exact shapes + OpenFlamingo's training recipe (see the docstring)."""
+  name, family, lm, every, train_rows = OPENFLAMINGO[preset]
+  c = base_config()
+  c.name = preset
+  c.model_name = "flamingo"
+  c.model = ml_collections.ConfigDict(dict(
+    lm_family=family, lm=dict(lm), vision=dict(VIT_L14),
+    resampler=dict(depth=6, heads=8, dim_head=64, num_latents=64, ff_mult=4, act="gelu"),
+    xattn=dict(heads=8, dim_head=64, ff_mult=4, act="gelu"),
+    cross_attn_every_n_layers=every, media_token_id=OF_MEDIA_ID, only_attend_immediate_media=True,
+    vision_tokens="pre_ln_post"))
+  # OF-4B froze all LM embeddings, including the new <image> / <|endofchunk|> rows.
+  c.trainable = FLAMINGO_TRAINABLE if train_rows else r"^(resampler|xattn_\d+)/"
+  c.data = ml_collections.ConfigDict(dict(
+    source="synthetic", kind="interleaved", tokenizer=ml_collections.config_dict.placeholder(str),
+    image_size=224, max_images=5, max_text_len=256, num_records=200_000, seed=0, num_threads=8,
+    prefetch_buffer_size=8))
+  c.batch_size = 256
+  c.total_steps = 100_000
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  c.optimizer.update(learning_rate=1e-4, schedule="constant", warmup_steps=1875, weight_decay=0.1,
+                     weight_decay_regex=r"^xattn_\d+/", grad_clip_norm=1.0,
+                     trainable_rows={"lm/embed/embedding": [OF_MEDIA_ID, OF_EOC_ID]} if train_rows else {})
+  c.checkpoint.every_steps = 1000
+  c.log_every = 50
+  c.evals = ml_collections.ConfigDict()
+  c.hf_checkpoint = f"openflamingo/{name}"
+  return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = check_preset(arg, PRESETS, "configs/flamingo.py")
+  if preset in OPENFLAMINGO:
+    return openflamingo_config(preset)
   s = _sizes(preset)
   c = base_config()
   c.name = "flamingo"

@@ -24,6 +24,7 @@ from vlm_jax.convert import open_clip as open_clip_conv  # noqa: E402
 from vlm_jax.convert.loading import abstract_params  # noqa: E402
 from vlm_jax.convert.mapping import to_ours, to_theirs  # noqa: E402
 from vlm_jax.convert.safetensors_io import write_checkpoint  # noqa: E402
+from vlm_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from vlm_jax.models import vit  # noqa: E402
 from vlm_jax.param_paths import flatten  # noqa: E402
 
@@ -139,6 +140,10 @@ def test_full_state_dict_matches_open_flamingo(llama_of, vision_tokens):
                                    vision_tokens=vision_tokens)
   assert ours.media_token_id == IMG and sorted(k for k in params if k.startswith("xattn")) == [
     "xattn_1", "xattn_3"]
+  # The data pipeline's tokenizer spec gives the same ids OpenFlamingo's tokenizer has.
+  tok = load_tokenizer("openflamingo:" + lm_dir)
+  assert tok.get_vocab_size() == 66 and [tok.token_to_id(t) for t in ("<|endofchunk|>", "<image>",
+                                                                      "<PAD>")] == [EOC, IMG, PAD]
   images = _images()
   if vision_tokens == "pre_ln_post":
     ln_post = model.vision_encoder.ln_post

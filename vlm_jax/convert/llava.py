@@ -36,7 +36,8 @@ from vlm_jax.convert import llama as llama_conv
 from vlm_jax.convert.hf import model_kwargs, read_hf_config
 from vlm_jax.convert.loading import Part, load_params
 from vlm_jax.convert.mapping import Rule, linear, linear_with_bias, prefixed, to_theirs
-from vlm_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
+from vlm_jax.convert.safetensors_io import write_checkpoint
+from vlm_jax.convert.sources import open_state_dict
 from vlm_jax.models import llama, vit
 from vlm_jax.models import llava as llava_model
 from vlm_jax.param_paths import flatten
@@ -224,21 +225,21 @@ def load_hf_llava(path: str, *, vision: str | None = None, mesh: Mesh | None = N
   With `mesh`, params land directly on their shards.
   """
   hf = read_hf_config(path)
-  reader = CheckpointReader(path)
-  layout = detect_layout(reader.keys(), path)
+  reader = open_state_dict(path)  # safetensors, or the pytorch_model*.bin the liuhaotian repos ship
+  layout = detect_layout(list(reader), path)
   vision_hf = read_hf_config(vision) if vision is not None else None
   if (layout.name == "liuhaotian") == is_llava_hf_config(hf):
     raise ValueError(f"{path}: the weights are in the {layout.name!r} layout but config.json is "
                      f"{'a llava-hf' if is_llava_hf_config(hf) else 'an original LLaVA'} config")
   kwargs = model_kwargs_from_hf(hf, f"{path}/config.json", vision_hf, f"{vision}/config.json")
-  vprefix = vision_key_prefix(reader.keys(), layout.vision_root)
+  vprefix = vision_key_prefix(list(reader), layout.vision_root)
   parts = [Part(reader, rules(kwargs, layout, vprefix), path, ignore)]
   if vprefix is None:
     if vision is None:
       raise KeyError(f"{path}: no vision tower tensors ({layout.vision_root}*); pass "
                      "vision=<HF CLIP directory> with its weights")
-    vreader = CheckpointReader(vision)
-    parts.append(Part(vreader, vision_rules(kwargs, clip_conv.key_prefix(vreader.keys())), vision,
+    vreader = open_state_dict(vision)
+    parts.append(Part(vreader, vision_rules(kwargs, clip_conv.key_prefix(vreader)), vision,
                       clip_conv.ignore))
   elif vision is not None and layout.name != "liuhaotian":
     raise ValueError(f"{path} holds its own vision tower and vision_config; vision={vision!r} "

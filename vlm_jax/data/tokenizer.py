@@ -30,6 +30,7 @@ from vlm_jax.data.special_tokens import (  # noqa: F401
 
 # The spec accepted by `load_tokenizer` for the built-in tokenizer.
 SYNTHETIC_SPEC = "synthetic"
+OPENFLAMINGO_PREFIX = "openflamingo:"
 
 
 @functools.cache
@@ -82,7 +83,8 @@ def load_tokenizer(spec: str) -> tokenizers.Tokenizer:
 
   Args:
     spec: "synthetic" for the built-in tokenizer, a path to a `tokenizer.json` file, or a directory
-      that contains one (e.g. a Hugging Face model snapshot).
+      that contains one (e.g. a Hugging Face model snapshot); "openflamingo:DIR" for an HF LM tokenizer
+      with the tokens OpenFlamingo adds (see `openflamingo_tokenizer`).
 
   Returns:
     A `tokenizers.Tokenizer`.
@@ -93,6 +95,8 @@ def load_tokenizer(spec: str) -> tokenizers.Tokenizer:
   spec = os.fspath(spec)
   if spec == SYNTHETIC_SPEC:
     return synthetic_tokenizer()
+  if spec.startswith(OPENFLAMINGO_PREFIX):
+    return openflamingo_tokenizer(spec[len(OPENFLAMINGO_PREFIX):])[0]
   path = spec
   if os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")

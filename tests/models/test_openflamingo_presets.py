@@ -1,0 +1,39 @@
+"""The five OpenFlamingo presets have the released models' shapes (counted without allocating)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen as nn
+
+from tests.train.configs_loader import load_config
+from vlm_jax.models import build_model
+from vlm_jax.param_paths import flatten
+
+
+def _counts(preset):
+  c = load_config("flamingo", preset)
+  model = build_model(c.model_name, c.model)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, 224, 224, 3)),
+                            jnp.zeros((1, 4), jnp.int32))["params"]
+  flat = {k: v.size for k, v in flatten(nn.unbox(abstract)).items()}
+  return c, {top: sum(n for k, n in flat.items() if k.split("/")[0] == top)
+             for top in {k.split("/")[0] for k in flat}}
+
+
+# (LM width, xattn blocks, LM params). The LMs' published sizes at their 50432-token vocabulary are
+# MPT-7B 6,649,286,656 and RedPajama-INCITE-3B 2,775,864,320; OpenFlamingo resizes to 50280 rows
+# (152 fewer per embedding matrix: tied in MPT, untied in GPT-NeoX).
+@pytest.mark.parametrize("preset,width,blocks,lm_params", [
+  ("of4b", 2560, 16, 2_775_864_320 - 2 * 152 * 2560), ("of9b", 4096, 8, 6_649_286_656 - 152 * 4096)])
+def test_shapes_match_the_released_models(preset, width, blocks, lm_params):
+  c, counts = _counts(preset)
+  xattn = {k: n for k, n in counts.items() if k.startswith("xattn_")}
+  assert len(xattn) == blocks
+  # One GatedCrossAttentionBlock (OpenFlamingo helpers.py): LN(D) + to_q D->512 + to_kv 1024->1024 +
+  # to_out 512->D + LN(D) + D->4D->D + two gates = 8 D^2 + 1028 D + 1048578.
+  assert set(xattn.values()) == {8 * width**2 + 1028 * width + 1_048_578}
+  # PerceiverResampler(dim=1024): 64 latents, 6 layers, final LN = 63,019,008 (OpenFlamingo "~63M").
+  assert counts["resampler"] == 63_019_008
+  assert counts["vision"] == 303_179_776  # HF CLIPVisionModel ViT-L/14 (no projection)
+  assert counts["lm"] == lm_params
+  assert c.model.lm["vocab_size"] == 50280 and c.model.media_token_id == 50278
