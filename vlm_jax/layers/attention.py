@@ -1,6 +1,11 @@
-"""Multi-head self-attention: GQA, RoPE, causal/padding masks, a functional KV cache, optional probs out.
+"""Multi-head self-attention: GQA, RoPE or ALiBi, causal/padding masks, a functional KV cache,
+optional qk-LayerNorm and qkv clipping (MPT), optional probs out.
 
-  Attention(Q, K, V) = softmax(Q K^T / sqrt(d) + mask) V
+  Attention(Q, K, V) = softmax(Q K^T / sqrt(d) + B + mask) V
+
+B is an additive bias, e.g. ALiBi (Press et al. 2022, "Train Short, Test Long"): head h adds
+m_h * (j - i) to the logit of query i and key j, m_h a fixed geometric sequence of slopes
+(`alibi_slopes`, `alibi_bias`).
 
 `dot_product_attention` is the one attention kernel of the library: it calls
 `jax.nn.dot_product_attention` (cuDNN/flash on GPU) unless the caller needs the attention probabilities,
@@ -10,14 +15,17 @@ The KV cache is explicit state (`KVCache`) passed in and returned, so modules st
 cache writes this call's keys/values at `cache.index` and attends over the whole preallocated buffer.
 """
 
+import math
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlm_jax.layers.linear import dense
+from vlm_jax.layers.norms import LayerNorm
 from vlm_jax.layers.rope import apply_rope
 
 Dtype = Any
@@ -56,6 +64,38 @@ def causal_padding_mask(
   return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
 
 
+def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> np.ndarray:
+  """ALiBi slopes float32[num_heads] by MPT's `gen_slopes` rule (= HF `build_mpt_alibi_tensor`).
+
+  With n = num_heads rounded up to a power of two, m_h = 2^(-h * bias_max / n) for h = 1..n; the
+  paper's slopes are the case bias_max = 8. When num_heads is not a power of two MPT keeps the
+  odd-indexed slopes first, then the even-indexed ones, and takes the first num_heads (the paper's
+  code mixes in slopes of the next power of two instead; MPT checkpoints were trained with MPT's
+  rule).
+  """
+  n = 2 ** math.ceil(math.log2(num_heads))
+  slopes = 2.0 ** (-np.arange(1, n + 1, dtype=np.float64) * (bias_max / n))
+  if n != num_heads:
+    slopes = np.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+  return slopes.astype(np.float32)
+
+
+def alibi_bias(slopes: jax.Array | np.ndarray, num_queries: int, num_keys: int, *,
+               q_offset: jax.Array | int = 0) -> jax.Array:
+  """ALiBi bias float32[1, N, T, S]: m_h * (j - i), queries i = q_offset .. q_offset+T-1, keys
+  j = 0 .. S-1.
+
+  Indices are positions in the (padded, cached) key buffer, as in MPT and HF: with left padding the
+  real tokens of a row are contiguous, so j - i is their true distance. Softmax is shift-invariant
+  per row, so this equals MPT's m_h * (j - (S-1)) form; the relative form keeps the values near the
+  diagonal small, which matters when the bias is added in low precision.
+  """
+  q_pos = jnp.arange(num_queries, dtype=jnp.int32)[:, None] + q_offset
+  k_pos = jnp.arange(num_keys, dtype=jnp.int32)[None, :]
+  rel = (k_pos - q_pos).astype(jnp.float32)  # [T, S]
+  return (jnp.asarray(slopes, jnp.float32)[:, None, None] * rel)[None]
+
+
 def dot_product_attention(
   q: jax.Array,
   k: jax.Array,
@@ -75,8 +115,9 @@ def dot_product_attention(
   if n % kh:
     raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({kh})")
   scale = d**-0.5 if scale is None else scale
-  if not return_probs and bias is None:
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+  if not return_probs:
+    # jax adds a float32 bias to float32 logits even for bf16 q/k: ALiBi keeps its precision.
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     return out, None
   g = n // kh
   qg = q.reshape(b, t, kh, g, d)
@@ -95,7 +136,12 @@ def dot_product_attention(
 class SelfAttention(nn.Module):
   """Multi-head self-attention with grouped KV heads and optional RoPE.
 
-  Params: q: [embed, heads, kv], k/v: [embed, kv_heads, kv], o: [heads, kv, embed].
+  Params: q: [embed, heads, kv], k/v: [embed, kv_heads, kv], o: [heads, kv, embed]; with `qk_norm`
+  also q_norm, k_norm: LayerNorm params [heads * kv] ([kv_heads * kv] for k).
+  `clip_qkv` clamps the projected q, k, v to [-c, c]; `qk_norm` then LayerNorms q (and k) over all
+  heads' features at once, before the head split (MPT `attn_config.qk_ln`, MosaicGPT `attn_qk_ln`).
+  Both act before RoPE and before the KV cache, so the cache holds normalised keys. Pass ALiBi (or
+  any additive bias) as `bias: float[B|1, N, T, S]`.
   __call__(x: float[B, T, E], mask: bool[B, 1, T, S], positions: int[B, T], cache: KVCache | None)
     -> (out float[B, T, E], aux) with aux = {"cache": updated cache or None, "probs": float32[B, N, T, S]
     when return_probs}. Without a cache S = T.
@@ -108,6 +154,10 @@ class SelfAttention(nn.Module):
   out_bias: bool = False
   rope_theta: float | None = 10000.0
   rotary_dim: int | None = None
+  qk_norm: bool = False
+  qk_norm_eps: float = 1e-5
+  qk_norm_bias: bool = True
+  clip_qkv: float | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -130,6 +180,12 @@ class SelfAttention(nn.Module):
               **kw)(x)
     v = dense((kvh, self.head_dim), ("embed", "kv_heads", "kv"), use_bias=self.qkv_bias, name="v",
               **kw)(x)
+    if self.clip_qkv is not None:
+      q, k, v = (jnp.clip(a, -self.clip_qkv, self.clip_qkv) for a in (q, k, v))
+    if self.qk_norm:
+      norm = dict(epsilon=self.qk_norm_eps, use_bias=self.qk_norm_bias, **kw)
+      q = _norm_across_heads(LayerNorm(name="q_norm", **norm), q)
+      k = _norm_across_heads(LayerNorm(name="k_norm", **norm), k)
     if self.rope_theta is not None:
       if positions is None:
         offset = 0 if cache is None else cache.index
@@ -147,3 +203,8 @@ class SelfAttention(nn.Module):
     out = dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), use_bias=self.out_bias,
                 name="o", **kw)(out)
     return out, {"cache": new_cache, "probs": probs}
+
+
+def _norm_across_heads(norm: nn.Module, x: jax.Array) -> jax.Array:
+  """Apply a last-axis norm over the flattened (heads, head_dim) axes.  x: float[B, T, H, D]."""
+  return norm(x.reshape(*x.shape[:-2], -1)).reshape(x.shape)
