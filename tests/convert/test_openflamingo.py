@@ -52,9 +52,12 @@ def _lm(path, family):
   if family == "llama":
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
       intermediate_size=48, num_key_value_heads=2, rms_norm_eps=1e-5, **common))
-  else:
+  elif family == "gpt_neox":
     model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
       intermediate_size=64, rotary_pct=0.5, use_parallel_residual=False, **common))
+  else:  # MPT: ALiBi, tied wte, no biases (OF-3B / OF-9B)
+    model = transformers.MptForCausalLM(transformers.MptConfig(
+      d_model=32, n_heads=4, n_layers=4, vocab_size=63, initializer_range=0.2))
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name and p.ndim == 1:
@@ -73,7 +76,7 @@ def _openflamingo(root, family, every):
   open_clip.add_model_config(cfg_dir)
   lm_dir = os.path.join(root, f"lm_{family}")
   _lm(lm_dir, family)
-  layers = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers"}[family]
+  layers = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "mpt": "transformer.blocks"}[family]
   torch.manual_seed(1)
   model, _, tok = open_flamingo.create_model_and_transforms(
     "tiny-vit", None, lm_dir, lm_dir, cross_attn_every_n_layers=every,
@@ -202,11 +205,9 @@ def _trainable_checkpoint(model, path):
   return sd
 
 
-@pytest.fixture(scope="module")
-def neox_of(tmp_path_factory):
-  """OF-4B style: GPT-NeoX LM, xattn every 2nd layer, the released trainable checkpoint.pt."""
-  root = str(tmp_path_factory.mktemp("of_neox"))
-  model, lm_dir, cfg_json = _openflamingo(root, "gpt_neox", every=2)
+def _released(tmp_path_factory, family):
+  root = str(tmp_path_factory.mktemp(f"of_{family}"))
+  model, lm_dir, cfg_json = _openflamingo(root, family, every=2)
   ckpt = os.path.join(root, "checkpoint.pt")
   sd = _trainable_checkpoint(model, ckpt)
   assert not any(k.startswith("vision_encoder.") for k in sd)
@@ -217,11 +218,25 @@ def neox_of(tmp_path_factory):
   return model, root, lm_dir, cfg_json, ckpt, clip_weights, visual
 
 
-def test_released_checkpoint_with_open_clip_weights(neox_of):
-  model, _, lm_dir, cfg_json, ckpt, clip_weights, _ = neox_of
+@pytest.fixture(scope="module")
+def neox_of(tmp_path_factory):
+  """OF-4B style: GPT-NeoX LM, the released trainable checkpoint.pt (no vision, no frozen LM layers)."""
+  return _released(tmp_path_factory, "gpt_neox")
+
+
+@pytest.fixture(scope="module")
+def mpt_of(tmp_path_factory):
+  """OF-3B / OF-9B style: MPT LM whose tied `wte` (resized, trained rows) is in checkpoint.pt."""
+  return _released(tmp_path_factory, "mpt")
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "mpt"])
+def test_released_checkpoint_with_open_clip_weights(family, request):
+  fixture = {"gpt_neox": "neox_of", "mpt": "mpt_of"}[family]
+  model, _, lm_dir, cfg_json, ckpt, clip_weights, _ = request.getfixturevalue(fixture)
   ours, params = load_openflamingo(ckpt, lm=lm_dir, vision=cfg_json, vision_weights=clip_weights,
                                    cross_attn_every_n_layers=2, vision_tokens="post_ln_post")
-  assert ours.lm_family == "gpt_neox" and ours.lm["vocab_size"] == 66  # resized: 63 + 3 new tokens
+  assert ours.lm_family == family and ours.lm["vocab_size"] == 66  # resized: 63 + 3 new tokens
   images = _images()
   _assert_close(_ours(ours, params, images), _of_logits(model, images))
 

@@ -7,5 +7,6 @@ towers (`load_hf_clip_vision`) and LLaVA-1.5 (`load_hf_llava`, `save_hf_llava`).
 
 from vlm_jax.convert.hf import load_hf_clip_vision, load_hf_lm, save_hf_lm
 from vlm_jax.convert.llava import load_hf_llava, save_hf_llava
+from vlm_jax.convert.openflamingo import load_openflamingo
 
-__all__ = ["load_hf_clip_vision", "load_hf_lm", "load_hf_llava", "save_hf_lm", "save_hf_llava"]
+__all__ = ["load_hf_clip_vision", "load_hf_lm", "load_hf_llava", "load_openflamingo", "save_hf_lm", "save_hf_llava"]

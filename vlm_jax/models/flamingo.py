@@ -29,7 +29,7 @@ from vlm_jax.layers.resampler import PerceiverResampler
 from vlm_jax.models import model_class, vit
 
 Dtype = Any
-LM_FAMILIES = ("llama", "gpt_neox")
+LM_FAMILIES = ("llama", "gpt_neox", "mpt")
 
 
 def xattn_layer_ids(num_layers: int, every: int) -> list[int]:
