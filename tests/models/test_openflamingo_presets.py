@@ -23,8 +23,13 @@ def _counts(preset):
 # (LM width, xattn blocks, LM params). The LMs' published sizes at their 50432-token vocabulary are
 # MPT-7B 6,649,286,656 and RedPajama-INCITE-3B 2,775,864,320; OpenFlamingo resizes to 50280 rows
 # (152 fewer per embedding matrix: tied in MPT, untied in GPT-NeoX).
+# MPT-1B (MosaicGPT, no_bias, qk LayerNorm) counted from its shapes: 24 x (Wqkv 3D^2 + out D^2 + up/down
+# 2 x 4D^2) + the tied 50280 x D wte + 24 x 4 bias-free LayerNorms (ln_1, q_ln, k_ln, ln_2) + ln_f.
+_MPT_1B = 24 * 12 * 2048**2 + 50280 * 2048 + 24 * 4 * 2048 + 2048
+
+
 @pytest.mark.parametrize("preset,width,blocks,lm_params", [
-  ("of4b", 2560, 16, 2_775_864_320 - 2 * 152 * 2560), ("of9b", 4096, 8, 6_649_286_656 - 152 * 4096)])
+  ("of3b", 2048, 24, _MPT_1B), ("of4b", 2560, 16, 2_775_864_320 - 2 * 152 * 2560), ("of9b", 4096, 8, 6_649_286_656 - 152 * 4096)])
 def test_shapes_match_the_released_models(preset, width, blocks, lm_params):
   c, counts = _counts(preset)
   xattn = {k: n for k, n in counts.items() if k.startswith("xattn_")}
