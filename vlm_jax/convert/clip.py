@@ -8,9 +8,8 @@ spelling is HF's. Conv patch weights go from OIHW to HWIO.
 
 from typing import Any
 
-import numpy as np
 
-from vlm_jax.convert.mapping import (Rule, identity, layernorm, linear_from_heads,
+from vlm_jax.convert.mapping import (Rule, conv_kernel, identity, layernorm, linear_from_heads,
                                      linear_to_heads, linear_with_bias)
 
 MODEL_TYPES = ("clip_vision_model", "clip")
@@ -50,8 +49,7 @@ def rules(kw: dict[str, Any], prefix: str = "") -> list[Rule]:
   dh = d // h
   p = prefix
   out = [
-    Rule("patch_embed/kernel", f"{p}embeddings.patch_embedding.weight",
-         lambda w: np.transpose(w, (2, 3, 1, 0)), lambda k: np.transpose(k, (3, 2, 0, 1))),
+    conv_kernel("patch_embed/kernel", f"{p}embeddings.patch_embedding.weight"),
     identity("cls", f"{p}embeddings.class_embedding"),
     identity("pos_embed", f"{p}embeddings.position_embedding.weight"),
     *layernorm("pre_norm", f"{p}pre_layrnorm"),

@@ -61,6 +61,12 @@ def linear_from_heads(ours: str, theirs: str, heads: int, head_dim: int) -> Rule
               lambda k: k.reshape(heads * head_dim, k.shape[-1]).T)
 
 
+def conv_kernel(ours: str, theirs: str) -> Rule:
+  """torch Conv2d weight [out, in, kh, kw] (OIHW) <-> flax kernel [kh, kw, in, out] (HWIO)."""
+  return Rule(ours, theirs, lambda w: np.transpose(w, (2, 3, 1, 0)),
+              lambda k: np.transpose(k, (3, 2, 0, 1)))
+
+
 def layernorm(ours: str, theirs: str) -> list[Rule]:
   """`{ours}/scale`, `{ours}/bias` <-> `{theirs}.weight`, `{theirs}.bias`."""
   return [identity(f"{ours}/scale", f"{theirs}.weight"), identity(f"{ours}/bias", f"{theirs}.bias")]

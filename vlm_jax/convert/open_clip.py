@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from vlm_jax.convert.mapping import Rule, identity, layernorm, linear_from_heads, linear_with_bias
+from vlm_jax.convert.mapping import (Rule, conv_kernel, identity, layernorm, linear_from_heads,
+                                     linear_with_bias)
 
 # open_clip VisionTransformer options our ViT does not implement: refuse rather than load wrongly.
 _UNSUPPORTED = ("ls_init_value", "attentional_pool", "no_ln_pre", "timm_model_name", "act_kwargs",
@@ -76,8 +77,7 @@ def rules(kw: dict[str, Any], prefix: str = "") -> list[Rule]:
   dh = kw["width"] // h
   p = prefix
   out = [
-    Rule("patch_embed/kernel", f"{p}conv1.weight",
-         lambda w: np.transpose(w, (2, 3, 1, 0)), lambda k: np.transpose(k, (3, 2, 0, 1))),
+    conv_kernel("patch_embed/kernel", f"{p}conv1.weight"),
     identity("cls", f"{p}class_embedding"),
     identity("pos_embed", f"{p}positional_embedding"),
     *layernorm("pre_norm", f"{p}ln_pre"),

@@ -42,11 +42,12 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class Mlp(nn.Module):
-  """x: float[..., D] -> float[..., D] via hidden width `hidden_dim`."""
+  """x: float[..., D] -> float[..., out_dim or D] via hidden width `hidden_dim`: fc2(act(fc1(x)))."""
 
   hidden_dim: int
   act: str = "gelu"
   use_bias: bool = True
+  out_dim: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -57,7 +58,7 @@ class Mlp(nn.Module):
     h = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", **kw)(x)
     h = activation(self.act)(h)
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-    return dense(d, ("mlp", "embed"), name="fc2", **kw)(h)
+    return dense(self.out_dim or d, ("mlp", "embed"), name="fc2", **kw)(h)
 
 
 class SwiGlu(nn.Module):

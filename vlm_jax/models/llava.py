@@ -28,36 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.layers.linear import dense
-from vlm_jax.layers.mlp import activation
+from vlm_jax.layers.mlp import Mlp, activation
 from vlm_jax.models import model_class, vit
 
 Dtype = Any
-LM_FAMILIES = ("llama", "gpt_neox")  # decoders whose __call__ takes `embed_hook`
+LM_FAMILIES = ("llama", "gpt_neox", "mpt")  # decoders whose __call__ takes `embed_hook`
 PROJECTOR_TYPES = ("mlp2x_gelu",)
 SELECT_STRATEGIES = ("default", "full")
-
-
-class Projector(nn.Module):
-  """LLaVA-1.5 `mlp2x_gelu`: fc2(act(fc1(z))).  z: float[..., Dv] -> float[..., D].
-
-  The original is `nn.Sequential(Linear(Dv, D), GELU(), Linear(D, D))` with torch's exact-erf GELU
-  (HF: `linear_1`, `ACT2FN[projector_hidden_act]`, `linear_2`).
-  """
-
-  features: int
-  act: str = "gelu"
-  use_bias: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
-    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(self.features, ("embed", "mlp"), name="fc1", **kw)(z)
-    h = activation(self.act)(h)
-    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-    return dense(self.features, ("mlp", "embed"), name="fc2", **kw)(h)
 
 
 def scatter_image_features(embeds: jax.Array, is_image: jax.Array,
@@ -160,8 +137,10 @@ class Model(nn.Module):
       z = self._select(vaux["hidden_states"])
       z = nn.with_logical_constraint(
         z, ("activation_batch", "activation_length", "activation_embed"))
-      feats = Projector(lm.hidden_size, self.projector_act, self.projector_bias, name="projector",
-                        **kw)(z)
+      # mlp2x_gelu: nn.Sequential(Linear(Dv, D), GELU(), Linear(D, D)), exact-erf GELU (HF: linear_1,
+      # ACT2FN[projector_hidden_act], linear_2).
+      feats = Mlp(lm.hidden_size, self.projector_act, self.projector_bias, out_dim=lm.hidden_size,
+                  name="projector", **kw)(z)
 
       def hook(x: jax.Array) -> jax.Array:
         return scatter_image_features(x, is_image, feats.reshape(-1, feats.shape[-1]))
