@@ -25,6 +25,7 @@ import numpy as np
 import tokenizers
 
 from vlm_jax.data import images as images_lib
+from vlm_jax.data.records import BadRecord
 from vlm_jax.data.tokenizer import (
   EOC_TOKEN,
   EOS_TOKEN,
@@ -142,17 +143,20 @@ class InterleavedTransform(grain.transforms.Map):
     media_pos = np.flatnonzero(ids == self.media_id)
     if len(record_images) != len(media_pos):
       # Stricter than "fewer images": with extra images we could not tell which image is whose.
-      raise ValueError(
-        f"Record has {len(record_images)} images but its text has {len(media_pos)} {MEDIA_TOKEN} "
-        "tokens; they must match one-to-one."
-      )
+      raise BadRecord(
+        "image_count_mismatch",
+        f"{element.get('id', 'record')} has {len(record_images)} images but its text has "
+        f"{len(media_pos)} {MEDIA_TOKEN} tokens; they must match one-to-one.")
     if len(media_pos) > self.max_images:
       ids = ids[: media_pos[self.max_images]]
     ids = ids[: self.max_text_len]
     num_images = int(np.count_nonzero(ids == self.media_id))
-    vision_x, _ = images_lib.stack_images(
-      record_images[:num_images], self.max_images, self.image_size
-    )
+    try:
+      vision_x, _ = images_lib.stack_images(
+        record_images[:num_images], self.max_images, self.image_size
+      )
+    except ValueError as e:  # the whole record goes: dropping one image would misalign the rest
+      raise BadRecord("image_undecodable", f"{element.get('id', 'record')}: {e}") from e
     input_ids, attention_mask = _pad(ids, self.max_text_len, self.pad_id)
     if self.label_rule == "interleaved":
       labels = flamingo_labels(

@@ -1,7 +1,9 @@
 """grain input pipelines: config -> a checkpointable iterator of fixed-shape numpy batches.
 
     source (random access) -> shuffle(seed) -> shard [process_index::process_count] -> repeat
-      -> transform (tokenize, images, labels) -> batch(drop_remainder) -> to_iter_dataset(threads)
+      -> transform (tokenize, images, labels; a bad record becomes a `Skip` marker)
+      -> to_iter_dataset(threads) [-> mp_prefetch(num_workers)]
+      -> CountingBatch (drops and counts `Skip`s, batches exactly batch_size good examples)
 
 Order matters in grain's MapDataset, where every stage is an index mapping:
   * `shuffle` sees global indices past one epoch (from `repeat` downstream) and reseeds with
@@ -17,7 +19,8 @@ Batches (per process; B = batch_size):
    "labels": int32[B, T]}
 
 `iter(dataset)` returns a grain `DatasetIterator` with `get_state()` / `set_state()`; restoring a state
-reproduces the identical continuation (the trainer saves it with grain.checkpoint + orbax).
+reproduces the identical continuation (the trainer saves it with grain.checkpoint + orbax), skip counts
+included; `iterator.counters()` reports records seen and skipped per reason.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import grain
 import numpy as np
 
 from vlm_jax.data import interleaved, synthetic
+from vlm_jax.data.counting import CountingBatch
+from vlm_jax.data.records import skipping
 from vlm_jax.data.tokenizer import load_tokenizer
 
 SOURCES = ("synthetic",)
@@ -37,7 +42,8 @@ SPLITS = synthetic.SPLITS
 
 _REQUIRED = object()
 # Batch-level prefetching: a few batches ahead is plenty, and each batch holds B * T_img images.
-_DEFAULTS = {"num_threads": 8, "prefetch_buffer_size": 16, "seed": 0, "num_records": 100_000}
+_DEFAULTS = {"num_threads": 8, "prefetch_buffer_size": 16, "seed": 0, "num_records": 100_000,
+             "num_workers": 0, "skip_log_every": 1000}
 
 
 def _field(config: Any, name: str) -> Any:
@@ -138,10 +144,13 @@ def make_dataset(
     )
   if repeat:
     ds = ds.repeat()
-  ds = ds.map(transform)
-  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_collate)
+  ds = ds.map(skipping(transform))
   read_options = grain.ReadOptions(
     num_threads=int(_field(data_config, "num_threads")),
     prefetch_buffer_size=int(_field(data_config, "prefetch_buffer_size")),
   )
-  return ds.to_iter_dataset(read_options)
+  it = ds.to_iter_dataset(read_options)
+  workers = int(_field(data_config, "num_workers"))
+  if workers > 0:  # decode/resize in worker processes (the GIL would serialise them in threads)
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  return CountingBatch(it, batch_size, _collate, log_every=int(_field(data_config, "skip_log_every")))

@@ -137,6 +137,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
                                                                       "token_accuracy")}
     scalars["learning_rate"] = float(schedule(step))
     logger.log_train(step, scalars)
+    if hasattr(train_iter, "counters"):  # this process's records seen / skipped per reason
+      logger.write_scalars(step, {f"data/{k}": v for k, v in train_iter.counters().items()})
     return scalars
 
   last_scalars: dict = {}
