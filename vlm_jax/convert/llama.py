@@ -1,16 +1,23 @@
-"""HF `LlamaForCausalLM` (and Mistral / Qwen2-style configs without biases) <-> `vlm_jax.models.llama`.
+"""HF `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` <-> `vlm_jax.models.llama`.
 
 HF keys: `model.embed_tokens.weight`, `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
 `model.layers.{i}.mlp.{gate,up,down}_proj.weight`, `model.layers.{i}.{input,post_attention}_layernorm.weight`,
-`model.norm.weight`, `lm_head.weight` (absent when `tie_word_embeddings`). HF stores q/k already in the
+`model.norm.weight`, `lm_head.weight` (absent when `tie_word_embeddings`); Qwen2 adds
+`model.layers.{i}.self_attn.{q,k,v}_proj.bias` (o_proj has none). HF stores q/k already in the
 rotate-half RoPE layout that `vlm_jax.layers.rope` uses, so no permutation is needed.
+
+Sliding-window attention: Mistral windows every layer when `sliding_window` is set (MistralConfig's
+default is 4096 when the key is absent; v0.2+ configs say null). Qwen2 windows only with
+`use_sliding_window`, and then only layers i >= `max_window_layers` (or those `layer_types` names
+"sliding_attention"); the full-attention layers must come first, the one pattern the model expresses.
 """
 
 from typing import Any
 
+from vlm_jax.convert.clip import _bias_to_heads
 from vlm_jax.convert.mapping import Rule, identity, linear, linear_from_heads, linear_to_heads
 
-MODEL_TYPES = ("llama", "mistral")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def _rope_theta(hf: dict, name: str) -> float:
@@ -22,26 +29,59 @@ def _rope_theta(hf: dict, name: str) -> float:
   return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
+def _sliding_window(hf: dict, name: str) -> tuple[int | None, int]:
+  """(sliding_window, full_attention_layers) of an HF config, by transformers' own defaults."""
+  model_type = hf.get("model_type", "llama")
+  num_layers = hf["num_hidden_layers"]
+  if model_type == "mistral":  # MistralModel ignores layer_types: one window for every layer
+    return hf.get("sliding_window", 4096), 0
+  if model_type != "qwen2":
+    return None, 0
+  window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
+  layer_types = hf.get("layer_types")
+  if layer_types is None:  # Qwen2Config.__post_init__: layers i >= max_window_layers are windowed
+    full = hf.get("max_window_layers", 28)
+    layer_types = ["sliding_attention" if window is not None and i >= full else "full_attention"
+                   for i in range(num_layers)]
+  if len(layer_types) != num_layers or set(layer_types) - {"full_attention", "sliding_attention"}:
+    raise NotImplementedError(f"{name}: layer_types {layer_types!r}: expected {num_layers} entries of "
+                              "'full_attention' / 'sliding_attention'")
+  full = layer_types.count("full_attention")
+  if "sliding_attention" in layer_types[:full]:
+    raise NotImplementedError(f"{name}: layer_types {layer_types!r}: vlm_jax.models.llama supports "
+                              "full-attention layers only before all sliding-window layers")
+  if full == num_layers:
+    return None, 0
+  if window is None:  # transformers itself fails on this config when it builds the masks
+    raise ValueError(f"{name}: layer_types has sliding_attention layers but use_sliding_window is "
+                     "false / sliding_window is null")
+  return window, full
+
+
 def model_kwargs_from_hf(hf: dict, name: str = "config.json") -> dict[str, Any]:
   """HF config dict -> kwargs of `vlm_jax.models.llama.Model`."""
-  for field in ("attention_bias", "mlp_bias"):
+  qwen2 = hf.get("model_type") == "qwen2"  # q/k/v biases always, o_proj none; no attention_bias field
+  for field in [] if qwen2 else ["attention_bias", "mlp_bias"]:
     if hf.get(field):
       raise NotImplementedError(f"{name}: {field}=true is not supported by vlm_jax.models.llama")
   if hf.get("hidden_act", "silu") != "silu":
     raise NotImplementedError(f"{name}: hidden_act {hf['hidden_act']!r}; vlm_jax.models.llama uses silu")
   heads = hf["num_attention_heads"]
+  window, full = _sliding_window(hf, name)
   return dict(
     vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
     num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
     head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
     rope_theta=_rope_theta(hf, name), norm_eps=hf.get("rms_norm_eps", 1e-6),
-    tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qwen2,
+    sliding_window=window, full_attention_layers=full)
 
 
 def hf_config(kw: dict[str, Any]) -> dict[str, Any]:
-  """Inverse of `model_kwargs_from_hf`: a config.json that transformers loads as LlamaForCausalLM."""
-  return {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": kw["vocab_size"],
+  """Inverse of `model_kwargs_from_hf`: a config.json that transformers loads as Qwen2ForCausalLM when
+  `qkv_bias`, else MistralForCausalLM with a `sliding_window`, else LlamaForCausalLM."""
+  config = {
+    "vocab_size": kw["vocab_size"],
     "hidden_size": kw["hidden_size"], "intermediate_size": kw["mlp_dim"],
     "num_hidden_layers": kw["num_layers"], "num_attention_heads": kw["num_heads"],
     "num_key_value_heads": kw.get("num_kv_heads") or kw["num_heads"],
@@ -49,9 +89,25 @@ def hf_config(kw: dict[str, Any]) -> dict[str, Any]:
     "rms_norm_eps": kw.get("norm_eps", 1e-6), "hidden_act": "silu",
     "rope_parameters": {"rope_theta": kw.get("rope_theta", 10000.0), "rope_type": "default"},
     "rope_theta": kw.get("rope_theta", 10000.0),
-    "tie_word_embeddings": bool(kw.get("tie_embeddings", False)), "attention_bias": False,
-    "mlp_bias": False, "torch_dtype": "float32", "max_position_embeddings": 4096,
+    "tie_word_embeddings": bool(kw.get("tie_embeddings", False)), "torch_dtype": "float32",
+    "max_position_embeddings": 4096,
   }
+  window, full = kw.get("sliding_window"), kw.get("full_attention_layers", 0)
+  if kw.get("qkv_bias"):
+    layers = kw["num_layers"]
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **config,
+            "use_sliding_window": window is not None, "sliding_window": window,
+            "max_window_layers": full if window is not None else layers,
+            "layer_types": ["sliding_attention" if window is not None and i >= full
+                            else "full_attention" for i in range(layers)]}
+  if window is not None:
+    if full:
+      raise NotImplementedError(f"hf_config: full_attention_layers={full} without qkv_bias: Mistral "
+                                "windows every layer and no bias-free HF family windows only some")
+    return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **config,
+            "sliding_window": window}
+  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **config,
+          "attention_bias": False, "mlp_bias": False}
 
 
 def rules(kw: dict[str, Any], prefix: str = "model.", head: str = "lm_head.") -> list[Rule]:
@@ -70,6 +126,8 @@ def rules(kw: dict[str, Any], prefix: str = "model.", head: str = "lm_head.") ->
       linear_to_heads(f"{o}/attn/q/kernel", f"{t}.self_attn.q_proj.weight", h, dh),
       linear_to_heads(f"{o}/attn/k/kernel", f"{t}.self_attn.k_proj.weight", kvh, dh),
       linear_to_heads(f"{o}/attn/v/kernel", f"{t}.self_attn.v_proj.weight", kvh, dh),
+      *([_bias_to_heads(f"{o}/attn/{p}/bias", f"{t}.self_attn.{p}_proj.bias", n, dh)
+         for p, n in (("q", h), ("k", kvh), ("v", kvh))] if kw.get("qkv_bias") else []),
       linear_from_heads(f"{o}/attn/o/kernel", f"{t}.self_attn.o_proj.weight", h, dh),
       linear(f"{o}/mlp/gate/kernel", f"{t}.mlp.gate_proj.weight"),
       linear(f"{o}/mlp/up/kernel", f"{t}.mlp.up_proj.weight"),

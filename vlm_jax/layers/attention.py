@@ -49,19 +49,26 @@ class KVCache:
 
 
 def causal_padding_mask(
-  attention_mask: jax.Array, *, q_offset: jax.Array | int = 0, num_queries: int | None = None
+  attention_mask: jax.Array, *, q_offset: jax.Array | int = 0, num_queries: int | None = None,
+  sliding_window: int | None = None,
 ) -> jax.Array:
-  """Causal AND key-padding mask.
+  """Causal AND key-padding mask, optionally banded to a sliding window.
 
   attention_mask: int/bool[B, S] (1 = real key). Queries are positions q_offset .. q_offset+T-1 of the
-  key axis (T = num_queries, default S). Returns bool[B, 1, T, S].
+  key axis (T = num_queries, default S). Returns bool[B, 1, T, S]: query i may attend key j iff
+  j <= i, key j is real and, with `sliding_window` W, i - W < j (W keys including i itself; the
+  convention of transformers' `sliding_window_overlay` used by Mistral and Qwen2). i and j index the
+  (padded, cached) key buffer as in HF; with left padding a row's real tokens are contiguous, so i - j
+  is their true distance.
   """
   s = attention_mask.shape[-1]
   t = s if num_queries is None else num_queries
   q_pos = jnp.arange(t)[:, None] + q_offset
   k_pos = jnp.arange(s)[None, :]
-  causal = k_pos <= q_pos  # [T, S]
-  return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+  allowed = k_pos <= q_pos  # [T, S]
+  if sliding_window is not None:
+    allowed = allowed & (k_pos > q_pos - sliding_window)
+  return allowed[None, None] & attention_mask.astype(bool)[:, None, None, :]
 
 
 def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> np.ndarray:

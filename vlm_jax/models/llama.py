@@ -10,6 +10,11 @@ through it (OpenFlamingo's `FlamingoLayer`: xattn first, then the LM's own decod
 scatters its projected image features into the image-token rows through it.
 With `caches` (one `KVCache` per layer) the call appends this call's keys/values and `attention_mask`
 covers the whole cache (`[B, S_max]`, 1 = a real key), as in HF generation.
+
+Variants: `qkv_bias` adds biases to the q/k/v projections (Qwen2). `sliding_window` W bands the causal
+mask so query i sees keys i - W < j <= i (Mistral, Qwen2 `use_sliding_window`); the first
+`full_attention_layers` layers keep plain causal attention (Qwen2 `max_window_layers`). The window is a
+mask only: the KV cache still holds every position, so decoding matches the full forward exactly.
 """
 
 from typing import Any, Callable, Sequence
@@ -36,6 +41,7 @@ class DecoderLayer(nn.Module):
   mlp_dim: int
   rope_theta: float
   norm_eps: float
+  qkv_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -43,8 +49,9 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, mask, positions, cache=None, return_probs=False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.norm_eps, name="input_norm", **kw)(x)
-    h, aux = SelfAttention(self.num_heads, self.head_dim, self.num_kv_heads, rope_theta=self.rope_theta,
-                           name="attn", **kw)(h, mask, positions, cache, return_probs=return_probs)
+    h, aux = SelfAttention(self.num_heads, self.head_dim, self.num_kv_heads, qkv_bias=self.qkv_bias,
+                           rope_theta=self.rope_theta, name="attn", **kw)(
+      h, mask, positions, cache, return_probs=return_probs)
     x = x + h
     h = RMSNorm(self.norm_eps, name="post_attn_norm", **kw)(x)
     x = x + SwiGlu(self.mlp_dim, name="mlp", **kw)(h)
@@ -65,10 +72,24 @@ class Model(nn.Module):
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
+  qkv_bias: bool = False
+  sliding_window: int | None = None
+  full_attention_layers: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"lm.sliding_window must be a positive number of keys or None, got "
+                       f"{self.sliding_window}")
+    if self.full_attention_layers and (self.sliding_window is None
+                                       or not 0 <= self.full_attention_layers <= self.num_layers):
+      raise ValueError(f"lm.full_attention_layers ({self.full_attention_layers}) needs a sliding_window "
+                       f"and must be in [0, num_layers={self.num_layers}]")
+    # Subclasses build their own decoder layers; refuse a field they would silently drop.
+    if self.qkv_bias and type(self).decoder_layer is not Model.decoder_layer:
+      raise ValueError(f"lm.qkv_bias is an option of the LLaMA decoder layer; "
+                       f"{type(self).__module__}.{type(self).__name__} does not use it")
     if self.head_dim is None and self.hidden_size % self.num_heads:
       raise ValueError(f"lm.hidden_size ({self.hidden_size}) must be divisible by lm.num_heads "
                        f"({self.num_heads})")
@@ -105,6 +126,10 @@ class Model(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t) + offset, (b, t))
     mask = causal_padding_mask(attention_mask, q_offset=offset, num_queries=t)
+    window_mask = None
+    if self.sliding_window is not None:
+      window_mask = causal_padding_mask(attention_mask, q_offset=offset, num_queries=t,
+                                        sliding_window=self.sliding_window)
     embed = token_embed(self.vocab_size, self.hidden_size, name="embed", **kw)
     x = embed(input_ids)
     if embed_hook is not None:
@@ -114,8 +139,10 @@ class Model(nn.Module):
     for i in range(self.num_layers):
       if before_layer is not None:
         x = before_layer(i, x)
+      windowed = window_mask is not None and i >= self.full_attention_layers
       x, aux = self.decoder_layer(i, kw)(
-        x, mask, positions, None if caches is None else caches[i], return_probs)
+        x, window_mask if windowed else mask, positions, None if caches is None else caches[i],
+        return_probs)
       new_caches.append(aux["cache"])
       probs.append(aux["probs"])
     x = self.final_norm(kw)(x)
@@ -130,7 +157,7 @@ class Model(nn.Module):
   # The two places where decoder families differ; subclasses (vlm_jax.models.gpt_neox) override them.
   def decoder_layer(self, i: int, kw: dict) -> nn.Module:
     return DecoderLayer(self.num_heads, self.kv_heads, self.dim_per_head, self.mlp_dim,
-                        self.rope_theta, self.norm_eps, name=f"layers_{i}", **kw)
+                        self.rope_theta, self.norm_eps, self.qkv_bias, name=f"layers_{i}", **kw)
 
   def final_norm(self, kw: dict) -> nn.Module:
     return RMSNorm(self.norm_eps, name="norm", **kw)
