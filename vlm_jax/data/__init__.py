@@ -4,5 +4,6 @@ tokenizer    special tokens, the synthetic WordLevel tokenizer, `load_tokenizer`
 synthetic    the embedded coloured-shapes corpus (`SyntheticSource`)
 images       decoding to RGB uint8 and CLIP preprocessing
 interleaved  OpenFlamingo label masking and record -> example transforms
+llava        LLaVA-1.5 conversations -> model inputs (vicuna_v1 template, answer-only labels)
 pipeline     `make_dataset`: config -> checkpointable grain iterator of batches
 """

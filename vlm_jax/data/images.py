@@ -1,24 +1,48 @@
 """Image decoding and CLIP preprocessing (numpy + PIL), NHWC throughout.
 
-Every image that enters a vlm_jax pipeline passes through `to_rgb_uint8` (whatever it came as: encoded
-bytes, a PIL image of any mode, or an array) and then `clip_preprocess`, which reproduces the
-OpenAI CLIP / open_clip eval transform: bicubic resize of the shortest side, center crop, scale to
-[0, 1], normalise with the CLIP mean/std. `stack_images` pads a document's images to a fixed count with
-zero images, as OpenFlamingo does, so batches have static shapes.
+Every image that enters a vlm_jax pipeline passes through `decode_image` (whatever it came as: a
+file path, encoded bytes, a PIL image of any mode, or an array) and then `clip_preprocess`, which
+reproduces the OpenAI CLIP / open_clip eval transform: bicubic resize of the shortest side, center
+crop, scale to [0, 1], normalise with the CLIP mean/std. `stack_images` pads a document's images to
+a fixed count with zero images, as OpenFlamingo does, so batches have static shapes.
+
+`decode_image` is the strict entry point for training data: an image it cannot use raises
+`records.BadRecord` with the reason, so the whole record is dropped and counted (never one image
+from under its `<image>` token):
+
+  path that does not exist         -> image_missing     zero bytes             -> image_empty
+  fewer than min_bytes             -> image_too_small   either side < min_side -> image_too_small
+  W * H > max_pixels (header only) -> image_too_large   corrupt / truncated    -> image_undecodable
+
+Everything else is converted to RGB: CMYK, palette (with or without transparency), 1-bit, grayscale,
+LA / RGBA (alpha composited on white), 16-bit (rescaled, where PIL would clip), EXIF orientation
+applied. `to_rgb_uint8` is the lenient converter for callers that hold trusted images: same
+conversions, no size limits, and a plain ValueError.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import os
+import stat
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
+
+from vlm_jax.data.records import BadRecord
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Smallest side kept by default: a 1-pixel line carries nothing a ViT can use. (OpenFlamingo's tiny-
+# image filter is by encoded size, `min_bytes`, which the web-corpus readers apply.)
+DEFAULT_MIN_SIDE = 2
+# PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS), written out so that a library
+# changing PIL's global does not change which images we accept.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 # Modes whose pixel values are wider than 8 bits; PIL's own convert("RGB") clips them instead of
 # rescaling, which turns most 16-bit images white.
@@ -89,8 +113,138 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(arr)
 
 
+def _require_strict_truncation() -> None:
+  # With LOAD_TRUNCATED_IMAGES set, PIL grey-fills the missing part of a truncated file instead of
+  # raising, and we would train on the half-grey image without anyone noticing.
+  if ImageFile.LOAD_TRUNCATED_IMAGES:
+    raise RuntimeError(
+      "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (some imported code set it); PIL would then "
+      "decode truncated images with their missing part filled in grey. Set it back to False "
+      "before building a vlm_jax input pipeline.")
+
+
+def _check_dims(width: int, height: int, what: str, min_side: int, max_pixels: int | None) -> None:
+  if max_pixels is not None and width * height > max_pixels:
+    raise BadRecord("image_too_large", f"{what}: {width}x{height} = {width * height} pixels > "
+                                       f"max_pixels={max_pixels}")
+  if min(width, height) < min_side:
+    raise BadRecord("image_too_small", f"{what}: {width}x{height}, a side < min_side={min_side}")
+
+
+def _check_byte_count(num_bytes: int, what: str, min_bytes: int) -> None:
+  if num_bytes == 0:
+    raise BadRecord("image_empty", f"{what}: zero bytes")
+  if num_bytes < min_bytes:
+    raise BadRecord("image_too_small", f"{what}: {num_bytes} bytes < min_bytes={min_bytes}")
+
+
+def _decode_file(fp: BinaryIO, what: str, min_side: int, max_pixels: int | None) -> Image.Image:
+  """Opens an encoded image, checks its size from the header, then decodes it fully.
+
+  Returns the loaded PIL image with its EXIF orientation applied.
+  """
+  _require_strict_truncation()
+  # PIL's parsers raise many types on hostile input (OSError, SyntaxError, ValueError, struct.error,
+  # IndexError, ...), so anything but the bomb guard counts as undecodable.
+  try:
+    pil = Image.open(fp)  # parses the header only
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    # PIL's guard fires inside open() above 2x its limit (and the warning, above 1x, when warnings
+    # are errors); our own max_pixels check below covers everything under it.
+    raise BadRecord("image_too_large", f"{what}: {e}") from None
+  except Exception as e:
+    raise BadRecord("image_undecodable", f"{what}: {type(e).__name__}: {e}") from None
+  # Before load(): a small file that declares 20000x20000 must not get its pixels allocated.
+  _check_dims(*pil.size, what, min_side, max_pixels)
+  try:
+    pil.load()  # raises on truncated data because LOAD_TRUNCATED_IMAGES is False
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise BadRecord("image_too_large", f"{what}: {e}") from None
+  except Exception as e:
+    raise BadRecord("image_undecodable", f"{what}: {type(e).__name__}: {e}") from None
+  try:
+    ImageOps.exif_transpose(pil, in_place=True)
+  except Exception:
+    # A broken EXIF block does not make the decoded pixels unusable; keep the stored orientation.
+    pass
+  return pil
+
+
+def _describe(item: Any) -> str:
+  if isinstance(item, (str, os.PathLike)):
+    return os.fspath(item)
+  if isinstance(item, (bytes, bytearray, memoryview)):
+    return f"image bytes ({len(item)} bytes)"
+  return f"image {type(item).__name__}"
+
+
+def decode_image(
+  item: Any,
+  *,
+  min_side: int = DEFAULT_MIN_SIDE,
+  max_pixels: int | None = DEFAULT_MAX_PIXELS,
+  min_bytes: int = 0,
+) -> np.ndarray:
+  """Decodes and checks one training image; see the module docstring for the reasons.
+
+  Args:
+    item: a path (str or os.PathLike) to an image file, encoded bytes (JPEG/PNG/...), a PIL image of
+      any mode, or a numpy array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (uint8, uint16, bool or
+      float in [0, 1]). None counts as a missing image.
+    min_side: images with a side shorter than this are rejected.
+    max_pixels: images with more pixels than this are rejected from the header, before decoding
+      (None: no limit of ours; PIL's own bomb guard, 2 * Image.MAX_IMAGE_PIXELS, still applies).
+    min_bytes: encoded files/bytes shorter than this are rejected (OpenFlamingo's tiny-image
+      filter).
+
+  Returns:
+    uint8[H, W, 3], EXIF orientation applied.
+
+  Raises:
+    BadRecord: with reason image_missing, image_empty, image_too_small, image_too_large or
+      image_undecodable.
+    RuntimeError: if PIL's LOAD_TRUNCATED_IMAGES has been switched on (it would hide truncation).
+  """
+  what = _describe(item)
+  if item is None:
+    raise BadRecord("image_missing", "the record has None in place of an image")
+  if isinstance(item, (str, os.PathLike)):
+    try:
+      info = os.stat(item)
+    except OSError as e:  # FileNotFoundError, NotADirectoryError, PermissionError, ...
+      raise BadRecord("image_missing", f"{what}: {e.strerror or e}") from None
+    if not stat.S_ISREG(info.st_mode):
+      raise BadRecord("image_missing", f"{what}: not a regular file")
+    _check_byte_count(info.st_size, what, min_bytes)
+    try:
+      f = open(item, "rb")
+    except OSError as e:  # deleted since the stat, unreadable, ...
+      raise BadRecord("image_missing", f"{what}: {e.strerror or e}") from None
+    with f:
+      return _pil_to_rgb(_decode_file(f, what, min_side, max_pixels))
+  if isinstance(item, (bytes, bytearray, memoryview)):
+    data = bytes(item)
+    _check_byte_count(len(data), what, min_bytes)
+    return _pil_to_rgb(_decode_file(io.BytesIO(data), what, min_side, max_pixels))
+  if isinstance(item, Image.Image):
+    _check_dims(*item.size, what, min_side, max_pixels)
+    try:
+      return _pil_to_rgb(item)  # a lazily opened image decodes here
+    except Exception as e:
+      raise BadRecord("image_undecodable", f"{what}: {type(e).__name__}: {e}") from None
+  if isinstance(item, np.ndarray):
+    if item.ndim in (2, 3):
+      _check_dims(item.shape[1], item.shape[0], what, min_side, max_pixels)
+    try:
+      return _array_to_rgb(item)
+    except ValueError as e:
+      raise BadRecord("image_undecodable", str(e)) from None
+  raise BadRecord("image_undecodable", f"unsupported image type {type(item).__name__}; expected a "
+                                       "path, bytes, PIL.Image or numpy array")
+
+
 def to_rgb_uint8(image: Any) -> np.ndarray:
-  """Converts an image of any supported kind to RGB.
+  """Converts an image of any supported kind to RGB (lenient: no size limits, plain ValueError).
 
   Args:
     image: encoded bytes (JPEG/PNG/...; EXIF orientation is applied), a PIL image of any mode
@@ -105,11 +259,9 @@ def to_rgb_uint8(image: Any) -> np.ndarray:
   """
   if isinstance(image, (bytes, bytearray, memoryview)):
     try:
-      pil = Image.open(io.BytesIO(bytes(image)))
-      pil.load()
-      pil = ImageOps.exif_transpose(pil)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-      raise ValueError(f"Could not decode image bytes ({len(image)} bytes): {e}") from e
+      pil = _decode_file(io.BytesIO(bytes(image)), "image bytes", min_side=1, max_pixels=None)
+    except BadRecord as e:
+      raise ValueError(f"Could not decode image bytes ({len(image)} bytes): {e}") from None
     return _pil_to_rgb(pil)
   if isinstance(image, Image.Image):
     return _pil_to_rgb(image)
@@ -172,23 +324,33 @@ def clip_preprocess(
 
 
 def stack_images(
-  images: Sequence[Any], max_images: int, size: int, **preprocess_kwargs
+  images: Sequence[Any],
+  max_images: int,
+  size: int,
+  *,
+  min_side: int = DEFAULT_MIN_SIDE,
+  max_pixels: int | None = DEFAULT_MAX_PIXELS,
+  min_bytes: int = 0,
+  **preprocess_kwargs,
 ) -> tuple[np.ndarray, int]:
-  """Preprocesses a document's images and zero-pads them to `max_images`.
+  """Decodes (`decode_image`) and preprocesses a document's images, zero-padded to `max_images`.
 
   Zero images mark padded slots (OpenFlamingo's convention); the model ignores them because no text
   token is conditioned on an image index past the number of `<image>` tokens.
 
   Args:
-    images: up to `max_images` images, each anything `to_rgb_uint8` accepts.
+    images: up to `max_images` images, each anything `decode_image` accepts.
     max_images: number of image slots T_img.
     size: image side S.
+    min_side, max_pixels, min_bytes: forwarded to `decode_image`.
     **preprocess_kwargs: forwarded to `clip_preprocess` (mean, std).
 
   Returns:
     (float32[max_images, size, size, 3], number of real images).
 
   Raises:
+    BadRecord: if any image is unusable; the caller drops the whole record, since leaving one image
+      out would shift every later image onto the wrong `<image>` token.
     ValueError: if there are more images than slots (dropping some silently could misalign images
       and `<image>` tokens; the caller decides which to keep).
   """
@@ -196,5 +358,6 @@ def stack_images(
     raise ValueError(f"Got {len(images)} images but only max_images={max_images} slots.")
   out = np.zeros((max_images, size, size, 3), np.float32)
   for i, image in enumerate(images):
-    out[i] = clip_preprocess(to_rgb_uint8(image), size, **preprocess_kwargs)
+    rgb = decode_image(image, min_side=min_side, max_pixels=max_pixels, min_bytes=min_bytes)
+    out[i] = clip_preprocess(rgb, size, **preprocess_kwargs)
   return out, len(images)

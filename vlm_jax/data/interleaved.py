@@ -115,7 +115,9 @@ class InterleavedTransform(grain.transforms.Map):
 
   Truncation keeps images and `<image>` tokens aligned: text is cut just before the
   (max_images+1)-th `<image>`, then to max_text_len, and exactly as many images are kept (the first
-  ones) as `<image>` tokens survive.
+  ones) as `<image>` tokens survive. Every kept image goes through `images.decode_image`
+  (min_image_side, max_image_pixels, min_image_bytes); one unusable image drops the whole record
+  with its reason.
   """
 
   def __init__(
@@ -125,6 +127,10 @@ class InterleavedTransform(grain.transforms.Map):
     max_images: int,
     image_size: int,
     label_rule: str = "interleaved",
+    *,
+    min_image_side: int = images_lib.DEFAULT_MIN_SIDE,
+    max_image_pixels: int | None = images_lib.DEFAULT_MAX_PIXELS,
+    min_image_bytes: int = 0,
   ):
     if label_rule not in LABEL_RULES:
       raise ValueError(f"Unknown label_rule {label_rule!r}; expected one of {LABEL_RULES}.")
@@ -133,6 +139,8 @@ class InterleavedTransform(grain.transforms.Map):
     self.tokenizer = tokenizer
     self.max_text_len, self.max_images, self.image_size = max_text_len, max_images, image_size
     self.label_rule = label_rule
+    self.image_checks = dict(
+      min_side=min_image_side, max_pixels=max_image_pixels, min_bytes=min_image_bytes)
     self.media_id = special_token_id(tokenizer, MEDIA_TOKEN)
     self.eoc_id = special_token_id(tokenizer, EOC_TOKEN)
     self.pad_id = special_token_id(tokenizer, PAD_TOKEN)
@@ -153,10 +161,10 @@ class InterleavedTransform(grain.transforms.Map):
     num_images = int(np.count_nonzero(ids == self.media_id))
     try:
       vision_x, _ = images_lib.stack_images(
-        record_images[:num_images], self.max_images, self.image_size
+        record_images[:num_images], self.max_images, self.image_size, **self.image_checks
       )
-    except ValueError as e:  # the whole record goes: dropping one image would misalign the rest
-      raise BadRecord("image_undecodable", f"{element.get('id', 'record')}: {e}") from e
+    except BadRecord as e:  # the whole record goes: dropping one image would misalign the rest
+      raise BadRecord(e.reason, f"{element.get('id', 'record')}: {e.detail}") from None
     input_ids, attention_mask = _pad(ids, self.max_text_len, self.pad_id)
     if self.label_rule == "interleaved":
       labels = flamingo_labels(

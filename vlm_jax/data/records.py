@@ -33,6 +33,7 @@ REASONS = (
   "malformed_json",         # a jsonl line / json member that does not parse or lacks fields
   "truncated_shard",        # a tar shard that ends mid-member
   "single_image_dropped",   # OpenFlamingo keeps single-image MMC4 documents with probability 0.5
+  "no_target_tokens",       # nothing left to train on: every answer token was cut by truncation
 )
 
 
