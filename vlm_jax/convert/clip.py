@@ -9,8 +9,8 @@ spelling is HF's. Conv patch weights go from OIHW to HWIO.
 from typing import Any
 
 
-from vlm_jax.convert.mapping import (Rule, conv_kernel, identity, layernorm, linear_from_heads,
-                                     linear_to_heads, linear_with_bias)
+from vlm_jax.convert.mapping import (Rule, bias_to_heads, conv_kernel, identity, layernorm,
+                                     linear_from_heads, linear_to_heads, linear_with_bias)
 
 MODEL_TYPES = ("clip_vision_model", "clip")
 _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -40,10 +40,6 @@ def key_prefix(keys) -> str:
   return "vision_model." if any(k.startswith("vision_model.") for k in keys) else ""
 
 
-def _bias_to_heads(ours: str, theirs: str, heads: int, head_dim: int) -> Rule:
-  return Rule(ours, theirs, lambda b: b.reshape(heads, head_dim), lambda b: b.reshape(-1))
-
-
 def rules(kw: dict[str, Any], prefix: str = "") -> list[Rule]:
   h, d = kw["heads"], kw["width"]
   dh = d // h
@@ -59,7 +55,7 @@ def rules(kw: dict[str, Any], prefix: str = "") -> list[Rule]:
     o, t = f"layers_{i}", f"{p}encoder.layers.{i}"
     for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
       out += [linear_to_heads(f"{o}/attn/{ours}/kernel", f"{t}.self_attn.{theirs}.weight", h, dh),
-              _bias_to_heads(f"{o}/attn/{ours}/bias", f"{t}.self_attn.{theirs}.bias", h, dh)]
+              bias_to_heads(f"{o}/attn/{ours}/bias", f"{t}.self_attn.{theirs}.bias", h, dh)]
     out += [
       linear_from_heads(f"{o}/attn/o/kernel", f"{t}.self_attn.out_proj.weight", h, dh),
       identity(f"{o}/attn/o/bias", f"{t}.self_attn.out_proj.bias"),

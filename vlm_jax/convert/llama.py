@@ -14,8 +14,8 @@ default is 4096 when the key is absent; v0.2+ configs say null). Qwen2 windows o
 
 from typing import Any
 
-from vlm_jax.convert.clip import _bias_to_heads
-from vlm_jax.convert.mapping import Rule, identity, linear, linear_from_heads, linear_to_heads
+from vlm_jax.convert.mapping import (Rule, bias_to_heads, identity, linear, linear_from_heads,
+                                     linear_to_heads)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -126,7 +126,7 @@ def rules(kw: dict[str, Any], prefix: str = "model.", head: str = "lm_head.") ->
       linear_to_heads(f"{o}/attn/q/kernel", f"{t}.self_attn.q_proj.weight", h, dh),
       linear_to_heads(f"{o}/attn/k/kernel", f"{t}.self_attn.k_proj.weight", kvh, dh),
       linear_to_heads(f"{o}/attn/v/kernel", f"{t}.self_attn.v_proj.weight", kvh, dh),
-      *([_bias_to_heads(f"{o}/attn/{p}/bias", f"{t}.self_attn.{p}_proj.bias", n, dh)
+      *([bias_to_heads(f"{o}/attn/{p}/bias", f"{t}.self_attn.{p}_proj.bias", n, dh)
          for p, n in (("q", h), ("k", kvh), ("v", kvh))] if kw.get("qkv_bias") else []),
       linear_from_heads(f"{o}/attn/o/kernel", f"{t}.self_attn.o_proj.weight", h, dh),
       linear(f"{o}/mlp/gate/kernel", f"{t}.mlp.gate_proj.weight"),

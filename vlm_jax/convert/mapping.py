@@ -55,6 +55,11 @@ def linear_to_heads(ours: str, theirs: str, heads: int, head_dim: int) -> Rule:
               lambda k: k.reshape(k.shape[0], heads * head_dim).T)
 
 
+def bias_to_heads(ours: str, theirs: str, heads: int, head_dim: int) -> Rule:
+  """torch bias [heads * head_dim] <-> [heads, head_dim] (biases of head-split q, k, v kernels)."""
+  return Rule(ours, theirs, lambda b: b.reshape(heads, head_dim), lambda b: b.reshape(-1))
+
+
 def linear_from_heads(ours: str, theirs: str, heads: int, head_dim: int) -> Rule:
   """torch [out, heads * head_dim] <-> kernel [heads, head_dim, out] (output projections)."""
   return Rule(ours, theirs, lambda w: w.T.reshape(heads, head_dim, w.shape[0]),
