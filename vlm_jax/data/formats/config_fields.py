@@ -1,0 +1,89 @@
+"""Reading a format reader's settings from `config.data`, with errors that name the field or file.
+
+Every reader's `make_source(data_config, split)` reads its fields through `field` and its shard list
+through `shard_paths`, so a missing field, an empty glob or a missing file fails at construction
+with the field name and what was expected, not with a KeyError deep inside a worker.
+
+`config.data.paths` is a glob string, a list of paths/globs, or a mapping from split to either
+(`{"train": "mmc4/*.jsonl", "eval": ["mmc4/val_0.jsonl"]}`). A plain glob or list is the train split
+only: an eval run against it is refused rather than silently evaluating on training data.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from typing import Any
+
+REQUIRED = object()
+
+
+def field(config: Any, name: str, default: Any = REQUIRED, *, reader: str) -> Any:
+  """config.data.<name> from a ConfigDict or a mapping; `default` when absent (or None).
+
+  Raises:
+    ValueError: naming `config.data.<name>` and the reader when the field is absent and required.
+  """
+  try:
+    value = config[name]
+  except (KeyError, AttributeError, TypeError):
+    value = None
+  if value is not None:
+    return value
+  if default is REQUIRED:
+    raise ValueError(f"{reader}: config.data.{name} is missing; the {reader} reader needs it.")
+  return default
+
+
+def _expand(pattern: str, reader: str) -> list[str]:
+  pattern = os.path.expanduser(os.fspath(pattern))
+  # webdataset users write shard ranges as {000..099}; say so instead of "no such file".
+  hint = " (brace ranges like {000..099} are not expanded; use a glob or a list)" if (
+    "{" in pattern and ".." in pattern) else ""
+  if not glob.has_magic(pattern):
+    if not os.path.isfile(pattern):
+      raise ValueError(f"{reader}: config.data.paths names {pattern!r}, which is not a file{hint}.")
+    return [pattern]
+  matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+  if not matches:
+    raise ValueError(f"{reader}: config.data.paths pattern {pattern!r} matches no files{hint}.")
+  return matches
+
+
+def shard_paths(config: Any, split: str, *, reader: str) -> list[str]:
+  """The shard files of `split`, in a fixed order (sorted within each glob, list order between).
+
+  Raises:
+    ValueError: if `paths` is missing, names no file, or has no entry for `split`.
+  """
+  paths = field(config, "paths", reader=reader)
+  if not isinstance(paths, (str, os.PathLike, Sequence)):
+    try:
+      paths = paths[split]  # a mapping (dict or ConfigDict) from split to paths
+    except (KeyError, TypeError, AttributeError):
+      raise ValueError(
+        f"{reader}: config.data.paths has no entry for split {split!r}; give "
+        f"{{{split!r}: <glob or list>}}.") from None
+  elif split != "train":
+    raise ValueError(
+      f"{reader}: config.data.paths is a single glob/list, which is used for split 'train' only; "
+      f"for split {split!r} give a mapping {{'train': ..., {split!r}: ...}}.")
+  patterns = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+  if not patterns:
+    raise ValueError(f"{reader}: config.data.paths for split {split!r} is an empty list.")
+  out = []
+  for pattern in patterns:
+    out.extend(_expand(pattern, reader))
+  return out
+
+
+def image_dir(config: Any, *, reader: str) -> str | None:
+  """config.data.image_dir (optional), checked to be a directory when given."""
+  path = field(config, "image_dir", None, reader=reader)
+  if path is None:
+    return None
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isdir(path):
+    raise ValueError(f"{reader}: config.data.image_dir={path!r} is not a directory.")
+  return path
