@@ -1,5 +1,13 @@
 """grain input pipelines: config -> a checkpointable iterator of fixed-shape numpy batches.
 
+`config.data.source` picks the reader (each a random-access source of records, see `records.py`):
+  synthetic   the built-in corpus (kinds interleaved / text / pairs / vqa)
+  mmc4        MMC4 jsonl shards            -> OpenFlamingo MMC4 transform (6 images, 256 tokens)
+  obelics     OBELICS parquet              -> the same interleaved transform
+  webdataset  tar shards, kind "pairs" (LAION: 1 image, 32 tokens) or "interleaved" (MMC4 json)
+  llava       LLaVA conversation JSON      -> vicuna_v1 template, image-token runs, answer-only labels
+`config.data.mixture` combines several of these (`vlm_jax.data.mixture`).
+
     source (random access) -> shuffle(seed) -> shard [process_index::process_count] -> repeat
       -> transform (tokenize, images, labels; a bad record becomes a `Skip` marker)
       -> to_iter_dataset(threads) [-> mp_prefetch(num_workers)]
@@ -31,27 +39,33 @@ from typing import Any
 import grain
 import numpy as np
 
-from vlm_jax.data import interleaved, synthetic
+from vlm_jax.data import images, interleaved, synthetic
+from vlm_jax.data import llava as llava_data
 from vlm_jax.data.counting import CountingBatch
-from vlm_jax.data.records import skipping
+from vlm_jax.data.formats import llava_json, mmc4, obelics, webdataset
+from vlm_jax.data.formats import transforms as web_transforms
+from vlm_jax.data.records import BadRecord, Skip, skipping
 from vlm_jax.data.tokenizer import load_tokenizer
 
-SOURCES = ("synthetic",)
+SOURCES = ("synthetic", "mmc4", "obelics", "webdataset", "llava")
 KINDS = ("interleaved", "text", "pairs", "vqa")
 SPLITS = synthetic.SPLITS
 
 _REQUIRED = object()
 # Batch-level prefetching: a few batches ahead is plenty, and each batch holds B * T_img images.
 _DEFAULTS = {"num_threads": 8, "prefetch_buffer_size": 16, "seed": 0, "num_records": 100_000,
-             "num_workers": 0, "skip_log_every": 1000}
+             "num_workers": 0, "skip_log_every": 1000, "min_image_side": images.DEFAULT_MIN_SIDE,
+             "max_image_pixels": images.DEFAULT_MAX_PIXELS}
 
 
-def _field(config: Any, name: str) -> Any:
+def _field(config: Any, name: str, default: Any = _REQUIRED) -> Any:
   """Reads config.data.<name> from a ConfigDict or a plain mapping, with a clear error."""
   try:
     return config[name]
   except (KeyError, AttributeError, TypeError):
     pass
+  if default is not _REQUIRED:
+    return default
   if name in _DEFAULTS:
     return _DEFAULTS[name]
   raise ValueError(f"config.data.{name} is missing; make_dataset needs it.")
@@ -64,38 +78,87 @@ def _collate(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
   return {"inputs": stacked, "labels": labels}
 
 
-def _source_and_transform(config: Any, split: str):
-  source_name = _field(config, "source")
-  if source_name not in SOURCES:
-    raise ValueError(
-      f"config.data.source={source_name!r} is not supported; expected one of {SOURCES}."
-    )
+class SkippingSource:
+  """A random-access source whose bad records come back as `Skip` markers instead of exceptions."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    try:
+      return self.source[index]
+    except BadRecord as e:
+      return Skip(e.reason, e.detail)
+
+  def __repr__(self) -> str:
+    return f"SkippingSource({self.source!r})"
+
+
+def _image_checks(config: Any) -> dict[str, Any]:
+  return {"min_image_side": int(_field(config, "min_image_side")),
+          "max_image_pixels": _field(config, "max_image_pixels")}
+
+
+def _synthetic(config: Any, split: str, tokenizer):
   kind = _field(config, "kind")
   if kind not in KINDS:
     raise ValueError(f"config.data.kind={kind!r} is not supported; expected one of {KINDS}.")
-  tokenizer = load_tokenizer(_field(config, "tokenizer"))
-  image_size = int(_field(config, "image_size"))
-  max_images = int(_field(config, "max_images"))
+  image_size, max_images = int(_field(config, "image_size")), int(_field(config, "max_images"))
   max_text_len = int(_field(config, "max_text_len"))
   source = synthetic.SyntheticSource(
-    "interleaved" if kind == "text" else kind,
-    split=split,
-    num_records=int(_field(config, "num_records")),
-    image_size=image_size,
-    max_images=max_images,
-    seed=int(_field(config, "seed")),
-  )
+    "interleaved" if kind == "text" else kind, split=split,
+    num_records=int(_field(config, "num_records")), image_size=image_size, max_images=max_images,
+    seed=int(_field(config, "seed")))
   if kind == "text":
-    transform = interleaved.TextOnlyTransform(tokenizer, max_text_len)
+    return source, interleaved.TextOnlyTransform(tokenizer, max_text_len), _collate
+  return source, interleaved.InterleavedTransform(
+    tokenizer, max_text_len=max_text_len, max_images=max_images, image_size=image_size,
+    label_rule="pairs" if kind == "pairs" else "interleaved"), _collate
+
+
+def _documents(config: Any, split: str, tokenizer, module):
+  """MMC4 jsonl / OBELICS parquet / WebDataset tars: OpenFlamingo's MMC4 or LAION transform."""
+  source = module.make_source(config, split)
+  image_size = int(_field(config, "image_size"))
+  if getattr(source, "kind", "interleaved") == "pairs":
+    transform = web_transforms.laion_transform(
+      tokenizer, image_size, int(_field(config, "max_text_len", web_transforms.LAION_MAX_TEXT_LEN)),
+      **_image_checks(config))
   else:
-    transform = interleaved.InterleavedTransform(
-      tokenizer,
-      max_text_len=max_text_len,
-      max_images=max_images,
-      image_size=image_size,
-      label_rule="pairs" if kind == "pairs" else "interleaved",
-    )
-  return source, transform
+    transform = web_transforms.InterleavedDocTransform(
+      tokenizer, image_size,
+      max_text_len=int(_field(config, "max_text_len", web_transforms.MMC4_MAX_TEXT_LEN)),
+      max_images=int(_field(config, "max_images", web_transforms.MMC4_MAX_IMAGES)),
+      **_image_checks(config))
+  return source, transform, _collate
+
+
+def _llava(config: Any, split: str, tokenizer):
+  source = llava_json.make_source(config, split)
+  transform = llava_data.LlavaTransform(
+    tokenizer, max_text_len=int(_field(config, "max_text_len")),
+    image_size=int(_field(config, "image_size")),
+    num_image_tokens=int(_field(config, "num_image_tokens")),
+    min_image_side=int(_field(config, "min_image_side")),
+    max_image_pixels=_field(config, "max_image_pixels"))
+  return source, transform, llava_data.collate
+
+
+def _source_transform_collate(config: Any, split: str):
+  """config.data.source -> (random-access source of records, example transform, batch collate)."""
+  name = _field(config, "source")
+  if name not in SOURCES:
+    raise ValueError(f"config.data.source={name!r} is not supported; expected one of {SOURCES}.")
+  tokenizer = load_tokenizer(_field(config, "tokenizer"))
+  if name == "synthetic":
+    return _synthetic(config, split, tokenizer)
+  if name == "llava":
+    return _llava(config, split, tokenizer)
+  return _documents(config, split, tokenizer, {"mmc4": mmc4, "obelics": obelics,
+                                                "webdataset": webdataset}[name])
 
 
 def make_dataset(
@@ -132,9 +195,9 @@ def make_dataset(
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count}).")
 
-  source, transform = _source_and_transform(data_config, split)
+  source, transform, collate = _source_transform_collate(data_config, split)
   seed = int(_field(data_config, "seed"))
-  ds = grain.MapDataset.source(source).shuffle(seed=seed % 2**32)
+  ds = grain.MapDataset.source(SkippingSource(source)).shuffle(seed=seed % 2**32)
   usable = len(source) - len(source) % process_count
   ds = ds[process_index:usable:process_count]
   if len(ds) < batch_size:
@@ -153,4 +216,4 @@ def make_dataset(
   workers = int(_field(data_config, "num_workers"))
   if workers > 0:  # decode/resize in worker processes (the GIL would serialise them in threads)
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
-  return CountingBatch(it, batch_size, _collate, log_every=int(_field(data_config, "skip_log_every")))
+  return CountingBatch(it, batch_size, collate, log_every=int(_field(data_config, "skip_log_every")))
