@@ -125,7 +125,7 @@ def test_each_epoch_is_reshuffled():
 
 def test_bad_config_errors_name_the_field():
   with pytest.raises(ValueError, match="config.data.source"):
-    _make(_config(source="mmc4"))
+    _make(_config(source="laion5b_http"))
   with pytest.raises(ValueError, match="config.data.kind"):
     _make(_config(kind="video"))
   cfg = dict(_config())
