@@ -6,6 +6,8 @@
   obelics     OBELICS parquet              -> the same interleaved transform
   webdataset  tar shards, kind "pairs" (LAION: 1 image, 32 tokens) or "interleaved" (MMC4 json)
   llava       LLaVA conversation JSON      -> vicuna_v1 template, image-token runs, answer-only labels
+  tfds        ArrayRecord datasets built from any of the above by `python -m vlm_jax.data.tfds.build`
+              (the production path: formats parsed and OpenFlamingo matching done once, at build time)
 `config.data.mixture` combines several of these (`vlm_jax.data.mixture`).
 
     source (random access) -> shuffle(seed) -> shard [process_index::process_count] -> repeat
@@ -45,9 +47,10 @@ from vlm_jax.data.counting import CountingBatch, StatsCollector
 from vlm_jax.data.formats import llava_json, mmc4, obelics, webdataset
 from vlm_jax.data.formats import transforms as web_transforms
 from vlm_jax.data.records import BadRecord, Skip, skipping
+from vlm_jax.data.tfds import source as tfds_source
 from vlm_jax.data.tokenizer import load_tokenizer
 
-SOURCES = ("synthetic", "mmc4", "obelics", "webdataset", "llava")
+SOURCES = ("synthetic", "mmc4", "obelics", "webdataset", "llava", "tfds")
 KINDS = ("interleaved", "text", "pairs", "vqa")
 SPLITS = synthetic.SPLITS
 
@@ -119,9 +122,9 @@ def _synthetic(config: Any, split: str, tokenizer):
     label_rule="pairs" if kind == "pairs" else "interleaved"), _collate
 
 
-def _documents(config: Any, split: str, tokenizer, module):
+def _documents(config: Any, split: str, tokenizer, module, source=None):
   """MMC4 jsonl / OBELICS parquet / WebDataset tars: OpenFlamingo's MMC4 or LAION transform."""
-  source = module.make_source(config, split)
+  source = module.make_source(config, split) if source is None else source
   image_size = int(_field(config, "image_size"))
   if getattr(source, "kind", "interleaved") == "pairs":
     transform = web_transforms.laion_transform(
@@ -136,8 +139,8 @@ def _documents(config: Any, split: str, tokenizer, module):
   return source, transform, _collate
 
 
-def _llava(config: Any, split: str, tokenizer):
-  source = llava_json.make_source(config, split)
+def _llava(config: Any, split: str, tokenizer, source=None):
+  source = llava_json.make_source(config, split) if source is None else source
   transform = llava_data.LlavaTransform(
     tokenizer, max_text_len=int(_field(config, "max_text_len")),
     image_size=int(_field(config, "image_size")),
@@ -157,6 +160,11 @@ def _source_transform_collate(config: Any, split: str):
     return _synthetic(config, split, tokenizer)
   if name == "llava":
     return _llava(config, split, tokenizer)
+  if name == "tfds":  # records built by vlm_jax.data.tfds: the transform of the kind they were built as
+    source = tfds_source.make_source(config, split)
+    if source.kind == "llava":
+      return _llava(config, split, tokenizer, source)
+    return _documents(config, split, tokenizer, None, source)
   return _documents(config, split, tokenizer, {"mmc4": mmc4, "obelics": obelics,
                                                 "webdataset": webdataset}[name])
 
@@ -178,7 +186,8 @@ def make_dataset(
     split: "train" or "eval".
     batch_size: PER-PROCESS batch size.
     process_index, process_count: this process's shard; default to jax's.
-    repeat: loop forever, reshuffling each epoch; False gives one pass over this process's shard.
+    repeat: loop forever, reshuffling each epoch; False gives one pass over this process's shard
+      (with worker processes each worker drops its own partial last batch).
 
   Returns:
     A `grain.IterDataset` of batches (layout in the module docstring); deterministic for a config.
