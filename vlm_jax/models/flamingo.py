@@ -16,6 +16,12 @@ xattn block maps Dv to its own inner width (8 heads x 64 in OpenFlamingo). Submo
 `vision_tokens` picks the patch tokens fed to the resampler: "pre_ln_post" (the ViT's last hidden state,
 what the released OpenFlamingo models were trained with) or "post_ln_post" (LN_post applied to every
 token, what open_clip >= 2.23 returns).
+
+Packed rows (`vlm_jax.data.packing`): `segment_ids` int[B, T_txt] keeps packed examples apart in
+the LM's self-attention (`vlm_jax.models.llama`). The xattn needs no mask of its own: a text token
+sees image cumsum(<image>)[t], its own example's image as long as every packed example starts with
+its `<image>` (the packer checks that). Attending to all earlier images would reach into earlier
+examples, so packing requires `only_attend_immediate_media=True`.
 """
 
 from typing import Any
@@ -70,13 +76,18 @@ class Model(nn.Module):
     attention_mask: jax.Array | None = None,
     *,
     text_time: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, dict]:
     """vision_x: float[B, T_img, H, W, 3]; input_ids: int32[B, T_txt]; attention_mask: int[B, T_txt].
 
     text_time: optional int[B, T_txt] overriding cumsum(<image>) (decoding with cached media).
+    segment_ids: optional int32[B, T_txt] of a packed batch (0 = padding, 1..k = example).
     """
     if vision_x.ndim != 5:
       raise ValueError(f"vision_x must be float[B, T_img, H, W, 3], got shape {vision_x.shape}")
+    if segment_ids is not None and not self.only_attend_immediate_media:
+      raise ValueError("packed rows (segment_ids) need model.only_attend_immediate_media=True: "
+                       "attending to all earlier images would cross into earlier packed examples")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t_img = vision_x.shape[:2]
     lm_cfg = dict(self.lm or {})
@@ -101,5 +112,6 @@ class Model(nn.Module):
 
     lm_module = model_class(self.lm_family, "model.lm_family")
     logits, laux = lm_module(name="lm", **kw, **lm_cfg)(input_ids, attention_mask,
-                                                        before_layer=before_layer)
+                                                        before_layer=before_layer,
+                                                        segment_ids=segment_ids)
     return logits, {"media": media, "text_time": text_time, "lm": laux}

@@ -15,6 +15,10 @@ Variants: `qkv_bias` adds biases to the q/k/v projections (Qwen2). `sliding_wind
 mask so query i sees keys i - W < j <= i (Mistral, Qwen2 `use_sliding_window`); the first
 `full_attention_layers` layers keep plain causal attention (Qwen2 `max_window_layers`). The window is a
 mask only: the KV cache still holds every position, so decoding matches the full forward exactly.
+
+Packed rows (`vlm_jax.data.packing`): `segment_ids` int[B, T] (0 = padding) makes self-attention
+block-diagonal causal and restarts the default positions at 0 in each segment, so every packed
+example gets the logits it gets alone (`vlm_jax.layers.segments`). Training only: not with `caches`.
 """
 
 from typing import Any, Callable, Sequence
@@ -28,6 +32,7 @@ from vlm_jax.layers.embeddings import token_embed
 from vlm_jax.layers.linear import dense
 from vlm_jax.layers.mlp import SwiGlu
 from vlm_jax.layers.norms import RMSNorm
+from vlm_jax.layers.segments import segment_mask, segment_positions
 
 Dtype = Any
 
@@ -116,13 +121,18 @@ class Model(nn.Module):
     before_layer: Callable[[int, jax.Array], jax.Array] | None = None,
     return_probs: bool = False,
     embed_hook: Callable[[jax.Array], jax.Array] | None = None,
+    segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, dict]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t = input_ids.shape
+    if segment_ids is not None and caches is not None:
+      raise ValueError("segment_ids (packed training rows) cannot be combined with KV caches")
     offset = 0 if caches is None else caches[0].index
     if attention_mask is None:
       s = t if caches is None else caches[0].k.shape[1]
       attention_mask = jnp.ones((b, s), jnp.int32)
+    if positions is None and segment_ids is not None:
+      positions = segment_positions(segment_ids)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t) + offset, (b, t))
     mask = causal_padding_mask(attention_mask, q_offset=offset, num_queries=t)
@@ -130,6 +140,10 @@ class Model(nn.Module):
     if self.sliding_window is not None:
       window_mask = causal_padding_mask(attention_mask, q_offset=offset, num_queries=t,
                                         sliding_window=self.sliding_window)
+    if segment_ids is not None:  # packed rows: no attention across examples
+      same = segment_mask(segment_ids)
+      mask = mask & same
+      window_mask = None if window_mask is None else window_mask & same
     embed = token_embed(self.vocab_size, self.hidden_size, name="embed", **kw)
     x = embed(input_ids)
     if embed_hook is not None:

@@ -6,25 +6,32 @@ A step whose loss or gradient norm is not finite leaves params and optimizer sta
 `finite = False`; the host loop stops on it before the next checkpoint (`vlm_jax.train.trainer`).
 """
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from vlm_jax.train.losses import batch_loss
 from vlm_jax.train.state import TrainState, merge_params
 
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable) -> Callable:
-  """-> train_step(state, batch, rng) -> (state, metrics). batch = {"inputs": {...}, "labels": ...}."""
+  """-> train_step(state, batch, rng) -> (state, metrics).
+
+  loss_fn(logits, labels) for a plain batch {"inputs": {...}, "labels": ...}, or a
+  `losses.MixtureLoss` for a concat-mixture batch {name: plain batch}; its per-component
+  "loss/<name>" values join the metrics.
+  """
+  model_loss = batch_loss(loss_fn)
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
     del rng  # No stochastic layers yet; kept so dropout/augmentation need no API change.
 
     def compute_loss(trainable):
       params = merge_params(trainable, state.frozen)
-      logits, _ = model.apply({"params": params}, **batch["inputs"])
-      return loss_fn(logits, batch["labels"])
+      return model_loss(functools.partial(model.apply, {"params": params}), batch)
 
     (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
@@ -47,6 +54,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable) 
       "token_accuracy": aux["correct"] / n,
       "num_tokens": aux["num_tokens"],
       "finite": finite,
+      **{k: v for k, v in aux.items() if k.startswith("loss/")},
     }
     return new_state, metrics
 

@@ -18,12 +18,13 @@ import numpy as np
 from flax import linen as nn
 
 from vlm_jax import sharding
+from vlm_jax.data import mixture
 from vlm_jax.data.pipeline import make_dataset
 from vlm_jax.eval.evaluators import build_evaluators
 from vlm_jax.models import build_model
 from vlm_jax.train import init as init_lib
 from vlm_jax.train.checkpointing import Checkpointer, abstract_with_shardings
-from vlm_jax.train.losses import get_loss
+from vlm_jax.train.losses import MixtureLoss, get_loss
 from vlm_jax.train.metrics import MetricLogger
 from vlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from vlm_jax.train.state import TrainState, split_params
@@ -67,9 +68,17 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def _plain_batches(batch: dict) -> list[dict]:
+  """A plain batch {"inputs", "labels"}, or the sub-batches of a concat mixture {name: batch}."""
+  return [batch] if "inputs" in batch else list(batch.values())
+
+
 def _local_tokens(batch: dict) -> int:
-  mask = batch["inputs"].get("attention_mask")
-  return int(np.sum(mask)) if mask is not None else int(np.prod(batch["labels"].shape))
+  total = 0
+  for plain in _plain_batches(batch):
+    mask = plain["inputs"].get("attention_mask")
+    total += int(np.sum(mask)) if mask is not None else int(np.prod(plain["labels"].shape))
+  return total
 
 
 def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
@@ -90,10 +99,15 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
   if config.batch_size % data_shards:
     raise ValueError(f"config.batch_size ({config.batch_size}) must be divisible by the data-parallel "
                      f"mesh size config.mesh.data * config.mesh.fsdp = {data_shards}")
+  for name, size in mixture.batch_sizes(config.data).items():
+    if size % data_shards:
+      raise ValueError(f"config.data.mixture.{name}.batch_size ({size}) must be divisible by the "
+                       f"data-parallel mesh size {data_shards}")
   local_batch = config.batch_size // jax.process_count()
   train_ds = make_dataset(config.data, split="train", batch_size=local_batch)
   example = next(iter(train_ds))
-  example_inputs = jax.tree.map(lambda x: jnp.asarray(x[:1]), example["inputs"])
+  # Params do not depend on text length or image count: any mixture component's shapes will do.
+  example_inputs = jax.tree.map(lambda x: jnp.asarray(x[:1]), _plain_batches(example)[0]["inputs"])
   tx, init_fn, abstract_state = build_state(config, model, example_inputs, mesh, rules)
   train_iter = iter(train_ds)
 
@@ -109,10 +123,12 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
     state = init_lib.load_initial_weights(config, workdir, state, abstract_state)
 
   loss_fn = get_loss(config.loss)
+  weights = mixture.loss_weights(config.data)  # a concat mixture trains on sum_d w_d * loss_d
+  train_loss = MixtureLoss(loss_fn, weights) if weights else loss_fn
   state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
   repl = sharding.replicated(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    p_step = jax.jit(make_train_step(model, tx, loss_fn), donate_argnums=(0,),
+    p_step = jax.jit(make_train_step(model, tx, train_loss), donate_argnums=(0,),
                      out_shardings=(state_sharding, repl))
   evaluators = build_evaluators(config, model, mesh, rules, loss_fn)
   schedule = learning_rate_schedule(config.optimizer)
@@ -133,8 +149,9 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
           f"[{stage}] non-finite loss or gradient at step {bad} (loss={float(m['loss'])}, "
           f"grad_norm={float(m['grad_norm'])}); stopping. The last good checkpoint is step "
           f"{ckpt.latest_step()} in {ckpt.directory}.")
-    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm",
-                                                                      "token_accuracy")}
+    per_component = sorted(k for k in fetched[0] if k.startswith("loss/"))
+    keys = ("loss", "grad_norm", "token_accuracy", *per_component)
+    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in keys}
     scalars["learning_rate"] = float(schedule(step))
     logger.log_train(step, scalars)
     if hasattr(train_iter, "counters"):  # this process's records seen / skipped per reason
