@@ -57,7 +57,8 @@ SPLITS = synthetic.SPLITS
 _REQUIRED = object()
 # Batch-level prefetching: a few batches ahead is plenty, and each batch holds B * T_img images.
 _DEFAULTS = {"num_threads": 8, "prefetch_buffer_size": 16, "seed": 0, "num_records": 100_000,
-             "num_workers": 0, "worker_buffer_size": 4, "skip_log_every": 1000, "min_image_side": images.DEFAULT_MIN_SIDE,
+             "num_workers": 0, "worker_buffer_size": 4, "skip_log_every": 1000, "mixture": None,
+             "packing_bins": 0, "min_image_side": images.DEFAULT_MIN_SIDE,
              "max_image_pixels": images.DEFAULT_MAX_PIXELS}
 
 
@@ -203,6 +204,15 @@ def make_dataset(
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count}).")
+  # Both build on make_dataset (and import this module), hence the local imports.
+  if _field(data_config, "mixture"):
+    from vlm_jax.data.mixture import make_mixture  # pylint: disable=g-import-not-at-top
+    return make_mixture(data_config, split=split, batch_size=batch_size, process_index=process_index,
+                        process_count=process_count, repeat=repeat)
+  if int(_field(data_config, "packing_bins")):
+    from vlm_jax.data.packing import make_packed_dataset  # pylint: disable=g-import-not-at-top
+    return make_packed_dataset(data_config, split=split, batch_size=batch_size,
+                               process_index=process_index, process_count=process_count, repeat=repeat)
 
   source, transform, collate = _source_transform_collate(data_config, split)
   seed = int(_field(data_config, "seed"))
