@@ -11,8 +11,9 @@ measures, in one run:
   pairs     make_dataset(source="webdataset", kind="pairs") with 1, 2 worker processes and, for
             comparison, 1, 2 threads in the main process (PIL decode/resize release the GIL);
   interleaved make_dataset(source="mmc4"), the same four ways;
-and reports images/s and examples/s, and each pipeline's images/s per worker as a fraction of the bare
-loop (the target is >= 0.85). Writes benchmarks/results/data_pipeline_cpu.json; one-line summary last.
+each with images leaving the pipeline as float32 (CLIP-normalised) or uint8 (`image_dtype="uint8"`, the
+ViT normalises on the device), and reports images/s and examples/s, and each pipeline's images/s per
+worker as a fraction of the bare loop (the target is >= 0.85). Writes benchmarks/results/data_pipeline_cpu.json; one-line summary last.
 """
 
 import argparse
@@ -120,10 +121,12 @@ def main() -> None:
     docs = {**common, "source": "mmc4", "paths": {"train": shards}, "max_images": 6,
             "max_text_len": 256, "single_image_keep_prob": 1.0}
     for n in (1, 2):  # n worker processes (1 thread each), then n threads in the main process
-      runs[f"pairs_{n}proc"] = pipeline_rate(pairs, n, 1)
-      runs[f"interleaved_{n}proc"] = pipeline_rate(docs, n, 3)
-      runs[f"pairs_{n}thread"] = pipeline_rate(pairs, 0, 1, threads=n)
-      runs[f"interleaved_{n}thread"] = pipeline_rate(docs, 0, 3, threads=n)
+      for dt in ("float32", "uint8"):
+        p, d = dict(pairs, image_dtype=dt), dict(docs, image_dtype=dt)
+        runs[f"pairs_{dt}_{n}proc"] = pipeline_rate(p, n, 1)
+        runs[f"interleaved_{dt}_{n}proc"] = pipeline_rate(d, n, 3)
+        runs[f"pairs_{dt}_{n}thread"] = pipeline_rate(p, 0, 1, threads=n)
+        runs[f"interleaved_{dt}_{n}thread"] = pipeline_rate(d, 0, 3, threads=n)
   for name, r in runs.items():
     n = int(name.split("_")[-1][0])
     r["images_per_sec_per_worker_over_bare"] = r["images_per_sec"] / n / bare

@@ -112,3 +112,20 @@ def test_tfds_built_records_give_the_same_batches_as_the_direct_reader(laion, tm
     return sorted(round(float(x.sum()), 3) for b in batches for x in b["inputs"]["vision_x"])
   assert len(prints(got)) == 22 and prints(got) == prints(direct)
   assert built.counters() == {"seen": 22}
+
+
+def test_uint8_images_normalised_by_the_vit_equal_the_float_pipeline(laion):
+  """image_dtype="uint8" moves CLIP normalisation onto the device: same ViT output as float input."""
+  import jax
+  import jax.numpy as jnp
+
+  from vlm_jax.data import images as images_lib
+  from vlm_jax.models import vit
+  assert vit.CLIP_MEAN == images_lib.CLIP_MEAN and vit.CLIP_STD == images_lib.CLIP_STD
+  kw = dict(split="train", batch_size=4, process_index=0, process_count=1, repeat=False)
+  f32 = next(iter(make_dataset(_config(laion), **kw)))["inputs"]["vision_x"][:, 0]
+  u8 = next(iter(make_dataset(_config(laion, image_dtype="uint8"), **kw)))["inputs"]["vision_x"][:, 0]
+  assert u8.dtype == np.uint8 and f32.dtype == np.float32
+  model = vit.Model(image_size=16, patch_size=8, width=16, depth=1, heads=2)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  np.testing.assert_allclose(model.apply(params, u8)[0], model.apply(params, f32)[0], atol=2e-5)

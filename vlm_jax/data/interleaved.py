@@ -108,7 +108,8 @@ class InterleavedTransform(grain.transforms.Map):
   """Record {"images", "text"} -> {"vision_x", "input_ids", "attention_mask", "labels"}.
 
   Output:
-    vision_x: float32[max_images, S, S, 3], CLIP-normalised, zero in padded slots.
+    vision_x: float32[max_images, S, S, 3], CLIP-normalised, zero in padded slots (with
+      image_dtype="uint8": the resized, cropped pixels, which the ViT normalises on the device).
     input_ids: int32[max_text_len], right-padded with the pad token.
     attention_mask: int32[max_text_len], 1 on real tokens.
     labels: int32[max_text_len], per `label_rule` ("interleaved" = MMC4 rule, "pairs" = LAION rule).
@@ -131,6 +132,7 @@ class InterleavedTransform(grain.transforms.Map):
     min_image_side: int = images_lib.DEFAULT_MIN_SIDE,
     max_image_pixels: int | None = images_lib.DEFAULT_MAX_PIXELS,
     min_image_bytes: int = 0,
+    image_dtype: str = "float32",
   ):
     if label_rule not in LABEL_RULES:
       raise ValueError(f"Unknown label_rule {label_rule!r}; expected one of {LABEL_RULES}.")
@@ -140,7 +142,8 @@ class InterleavedTransform(grain.transforms.Map):
     self.max_text_len, self.max_images, self.image_size = max_text_len, max_images, image_size
     self.label_rule = label_rule
     self.image_checks = dict(
-      min_side=min_image_side, max_pixels=max_image_pixels, min_bytes=min_image_bytes)
+      min_side=min_image_side, max_pixels=max_image_pixels, min_bytes=min_image_bytes,
+      dtype=np.dtype(image_dtype))
     self.media_id = special_token_id(tokenizer, MEDIA_TOKEN)
     self.eoc_id = special_token_id(tokenizer, EOC_TOKEN)
     self.pad_id = special_token_id(tokenizer, PAD_TOKEN)

@@ -24,6 +24,9 @@ from vlm_jax.layers.mlp import Mlp
 from vlm_jax.layers.norms import LayerNorm
 
 Dtype = Any
+# OpenAI CLIP pixel statistics, for uint8 input (equal to vlm_jax.data.images'; models import no data).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class EncoderLayer(nn.Module):
@@ -77,6 +80,12 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array) -> tuple[jax.Array, dict]:
+    """images: NHWC float[B, H, W, 3] already normalised, or uint8[B, H, W, 3] raw pixels, normalised
+    here with the CLIP mean/std ((x / 255 - mean) / std), as `data.images.clip_preprocess` would."""
+    if images.dtype == jnp.uint8:
+      mean = jnp.asarray(CLIP_MEAN, jnp.float32)
+      std = jnp.asarray(CLIP_STD, jnp.float32)
+      images = (images.astype(jnp.float32) / 255.0 - mean) / std
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"vision input must be NHWC float[B, H, W, 3], got shape {images.shape}")
     if images.shape[1:3] != (self.image_size, self.image_size):
