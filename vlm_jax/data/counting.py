@@ -29,14 +29,34 @@ def _counters(seen: int, skipped: collections.Counter) -> dict[str, int]:
   return {"seen": seen, **{f"skipped/{k}": v for k, v in sorted(skipped.items())}}
 
 
-class _CountingBatchIterator(grain.DatasetIterator):
+class _CountsIterator(grain.DatasetIterator):
+  """An iterator holding run-long counts (records seen, skipped per reason) in its state."""
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self._seen = 0
+    self._skipped: collections.Counter[str] = collections.Counter()
+
+  def counters(self) -> dict[str, int]:
+    """{"seen": records pulled, "skipped/<reason>": count} since the start of the run."""
+    return _counters(self._seen, self._skipped)
+
+  def get_state(self) -> dict:
+    return {"parent": self._parent.get_state(), "seen": self._seen,
+            "skipped": dict(self._skipped)}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self._seen = int(state["seen"])
+    self._skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
+
+
+class _CountingBatchIterator(_CountsIterator):
 
   def __init__(self, parent: grain.DatasetIterator, batch_size: int,
                collate: Callable[[Sequence[Any]], Any], emit_stats: bool):
     super().__init__(parent)
     self._batch_size, self._collate, self._emit_stats = batch_size, collate, emit_stats
-    self._skipped: collections.Counter[str] = collections.Counter()
-    self._seen = 0
 
   def __next__(self):
     examples, seen, skipped = [], 0, collections.Counter()
@@ -53,19 +73,6 @@ class _CountingBatchIterator(grain.DatasetIterator):
     if self._emit_stats:
       batch[STATS_KEY] = _counters(seen, skipped)
     return batch
-
-  def counters(self) -> dict[str, int]:
-    """{"seen": records pulled, "skipped/<reason>": count} since the start of the run."""
-    return _counters(self._seen, self._skipped)
-
-  def get_state(self) -> dict:
-    return {"parent": self._parent.get_state(), "seen": self._seen,
-            "skipped": dict(self._skipped)}
-
-  def set_state(self, state: dict) -> None:
-    self._parent.set_state(state["parent"])
-    self._seen = int(state["seen"])
-    self._skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
 
 
 class CountingBatch(grain.IterDataset):
@@ -84,13 +91,11 @@ class CountingBatch(grain.IterDataset):
     return f"CountingBatch(batch_size={self._batch_size})"
 
 
-class _StatsCollectorIterator(grain.DatasetIterator):
+class _StatsCollectorIterator(_CountsIterator):
 
   def __init__(self, parent: grain.DatasetIterator, log_every: int):
     super().__init__(parent)
     self._log_every = log_every
-    self._seen = 0
-    self._skipped: collections.Counter[str] = collections.Counter()
 
   def __next__(self):
     batch = next(self._parent)
@@ -103,18 +108,6 @@ class _StatsCollectorIterator(grain.DatasetIterator):
     if self._log_every and total // self._log_every > before // self._log_every:
       logging.info("data: skipped %d of %d records so far %s", total, self._seen, dict(self._skipped))
     return batch
-
-  def counters(self) -> dict[str, int]:
-    return _counters(self._seen, self._skipped)
-
-  def get_state(self) -> dict:
-    return {"parent": self._parent.get_state(), "seen": self._seen,
-            "skipped": dict(self._skipped)}
-
-  def set_state(self, state: dict) -> None:
-    self._parent.set_state(state["parent"])
-    self._seen = int(state["seen"])
-    self._skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
 
 
 class StatsCollector(grain.IterDataset):

@@ -36,6 +36,7 @@ import grain
 import numpy as np
 
 from vlm_jax.data import pipeline, streams
+from vlm_jax.data.formats import config_fields
 from vlm_jax.data.interleaved import IGNORE_INDEX
 from vlm_jax.data.tokenizer import PAD_TOKEN, load_tokenizer, special_token_id
 
@@ -45,11 +46,7 @@ _RESERVED = ("inputs", "labels")
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
-  try:
-    value = config[key]
-  except (KeyError, AttributeError, TypeError):
-    return default
-  return default if value is None else value
+  return config_fields.field(config, key, default, reader="mixture")
 
 
 def mixture_mode(data_config: Any) -> str | None:

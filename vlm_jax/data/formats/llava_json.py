@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm_jax.data.formats import config_fields
 from vlm_jax.data.records import BadRecord
 
 ROLES = ("human", "gpt")
@@ -39,11 +40,7 @@ _READER = "llava_json"
 
 
 def _field(config: Any, name: str, default: Any = None) -> Any:
-  try:
-    value = config[name]
-  except (KeyError, AttributeError, TypeError):
-    return default
-  return default if value is None else value
+  return config_fields.field(config, name, default, reader=_READER)
 
 
 def _split_path(config: Any, split: str) -> str:
