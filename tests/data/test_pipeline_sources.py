@@ -129,3 +129,37 @@ def test_uint8_images_normalised_by_the_vit_equal_the_float_pipeline(laion):
   model = vit.Model(image_size=16, patch_size=8, width=16, depth=1, heads=2)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   np.testing.assert_allclose(model.apply(params, u8)[0], model.apply(params, f32)[0], atol=2e-5)
+
+
+def test_joint_flip_flips_all_images_of_a_record_together_and_replays_on_resume(tmp_path):
+  """random_flip=0.5: each document's images are all flipped or none is (OpenFlamingo's
+  RandomHorizontalFlip on the stacked images), about half the documents flip, and a restored iterator
+  draws the same flips."""
+  docs = []
+  for d in range(40):
+    infos = [{"image_name": f"{d}_{k}.png", "matched_text_index": k, "matched_sim": 0.3,
+              "image_base64": base64.b64encode(noise_png(1000 * d + k)).decode()} for k in range(2)]
+    docs.append({"text_list": [f"sentence {d} {k}" for k in range(3)], "image_info": infos,
+                 "similarity_matrix": [[0.5, 0.1, 0.1], [0.1, 0.5, 0.1]]})
+  shard = tmp_path / "docs.jsonl"
+  shard.write_text("\n".join(json.dumps(d) for d in docs))
+  base = {"source": "mmc4", "paths": {"train": [str(shard)]}, "tokenizer": "synthetic", "image_size": 16,
+          "max_images": 2, "max_text_len": 64, "seed": 0, "num_threads": 1}
+  kw = dict(split="train", batch_size=4, process_index=0, process_count=1)
+  plain = iter(make_dataset(base, **kw))
+  flipped_ds = make_dataset({**base, "random_flip": 0.5}, **kw)
+  flipped = iter(flipped_ds)
+  n_flipped = 0
+  for _ in range(10):
+    a, b = next(plain)["inputs"]["vision_x"], next(flipped)["inputs"]["vision_x"]
+    for x, y in zip(a, b):
+      same = [np.array_equal(x[k], y[k]) for k in range(2)]
+      mirrored = [np.array_equal(x[k][:, ::-1], y[k]) for k in range(2)]
+      assert same == [True, True] or mirrored == [True, True]
+      n_flipped += mirrored == [True, True]
+  assert 10 <= n_flipped <= 30
+  state = flipped.get_state()
+  want = next(flipped)["inputs"]["vision_x"]
+  again = iter(flipped_ds)
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)["inputs"]["vision_x"], want)

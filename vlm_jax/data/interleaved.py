@@ -168,6 +168,8 @@ class InterleavedTransform(grain.transforms.Map):
       )
     except BadRecord as e:  # the whole record goes: dropping one image would misalign the rest
       raise BadRecord(e.reason, f"{element.get('id', 'record')}: {e.detail}") from None
+    if element.get("flip"):  # augment.JointFlip: all images of the record flip together
+      vision_x = np.ascontiguousarray(vision_x[:, :, ::-1])
     input_ids, attention_mask = _pad(ids, self.max_text_len, self.pad_id)
     if self.label_rule == "interleaved":
       labels = flamingo_labels(

@@ -43,6 +43,7 @@ import numpy as np
 
 from vlm_jax.data import images, interleaved, synthetic
 from vlm_jax.data import llava as llava_data
+from vlm_jax.data.augment import JointFlip
 from vlm_jax.data.counting import CountingBatch, StatsCollector
 from vlm_jax.data.formats import llava_json, mmc4, obelics, webdataset
 from vlm_jax.data.formats import transforms as web_transforms
@@ -61,7 +62,10 @@ _DEFAULTS = {"num_threads": 8, "prefetch_buffer_size": 16, "seed": 0, "num_recor
              "packing_bins": 0,
              # "uint8": images leave the pipeline resized and cropped, the ViT normalises them on the
              # device; 4x fewer bytes through worker processes and host-to-device copies.
-             "image_dtype": "float32", "min_image_side": images.DEFAULT_MIN_SIDE,
+             "image_dtype": "float32",
+             # OpenFlamingo: RandomHorizontalFlip(0.5) on all images of a sample together. Off for the
+             # synthetic corpus, whose captions say "left" / "right".
+             "random_flip": 0.0, "min_image_side": images.DEFAULT_MIN_SIDE,
              "max_image_pixels": images.DEFAULT_MAX_PIXELS}
 
 
@@ -231,6 +235,9 @@ def make_dataset(
     )
   if repeat:
     ds = ds.repeat()
+  flip = float(_field(data_config, "random_flip"))
+  if flip and split == "train":  # after repeat: each epoch draws new flips, restores replay them
+    ds = ds.random_map(JointFlip(flip), seed=(seed + 1) % 2**32)
   ds = ds.map(skipping(transform))
   read_options = grain.ReadOptions(
     num_threads=int(_field(data_config, "num_threads")),
