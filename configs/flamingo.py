@@ -21,8 +21,10 @@ Presets (the text after ':'):
     python -m vlm_jax.convert openflamingo --checkpoint OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt \
       --lm mpt-1b-redpajama-200b --vision clip-vit-large-patch14 --cross-attn-every-n-layers 1 --out of3b
     python -m vlm_jax.main --config=configs/flamingo.py:of3b --config.init.checkpoint=of3b \
-      --config.data.tokenizer=openflamingo:mpt-1b-redpajama-200b --workdir=runs/of3b
-  (The data here is still the synthetic interleaved corpus at 224 px; MMC4 / LAION readers are issue 4.)
+      --config.data.tokenizer=openflamingo:mpt-1b-redpajama-200b \
+      --config.data.laion_paths='laion/*.tar' --config.data.mmc4_paths='mmc4/*.tar' --workdir=runs/of3b
+  The data is OpenFlamingo's: a concat mixture of LAION pairs (weight 0.2, 32 tokens) and MMC4
+  documents (weight 1.0, 6 images, 256 tokens) as WebDataset shards, joint random flips, 224 px.
 """
 
 import ml_collections
@@ -96,6 +98,38 @@ def lm_pretrain_config(s: dict) -> ml_collections.ConfigDict:
   return c
 
 
+# OpenFlamingo's training step (reference/flamingo.md 2.3): per GPU 32 MMC4 documents and 64 LAION pairs
+# on 64 GPUs, losses weighted 1.0 and 0.2, each averaged over its own tokens.
+OF_MMC4_BATCH, OF_LAION_BATCH = 32 * 64, 64 * 64
+
+
+def openflamingo_data() -> ml_collections.ConfigDict:
+  """OpenFlamingo's data: LAION-2B pairs + MMC4 documents as WebDataset shards, a concat mixture.
+
+  Required overrides: `data.tokenizer` (e.g. openflamingo:/path/to/lm), `data.laion_paths`,
+  `data.mmc4_paths` (globs or {"train": ..., "eval": ...}); or point both at `source="tfds"` builds.
+  """
+  d = ml_collections.ConfigDict()
+  d.tokenizer = ml_collections.config_dict.placeholder(str)
+  d.laion_paths = ml_collections.config_dict.placeholder(str)  # a glob of train shards
+  d.mmc4_paths = ml_collections.config_dict.placeholder(str)
+  d.mixture_mode = "concat"
+  # uint8 images (normalised by the ViT on the device) and threads: see the data benchmark.
+  common = dict(source="webdataset", image_size=224, seed=0, random_flip=0.5, image_dtype="uint8",
+                num_threads=16, prefetch_buffer_size=4)
+  d.mixture = ml_collections.ConfigDict({
+    "laion": dict(common, kind="pairs", max_text_len=32, max_images=1, batch_size=OF_LAION_BATCH,
+                  weight=0.2),
+    "mmc4": dict(common, kind="interleaved", max_text_len=256, max_images=6,
+                 sim_threshold=0.24, min_image_bytes=11_000, single_image_keep_prob=0.5,
+                 batch_size=OF_MMC4_BATCH, weight=1.0),
+  })
+  for name in ("laion", "mmc4"):
+    d.mixture[name].tokenizer = d.get_ref("tokenizer")
+    d.mixture[name].paths = d.get_ref(f"{name}_paths")
+  return d
+
+
 def openflamingo_config(preset: str) -> ml_collections.ConfigDict:
   """A released OpenFlamingo model: exact shapes + OpenFlamingo's training recipe (see the docstring)."""
   name, family, lm, every, train_rows = OPENFLAMINGO[preset]
@@ -110,11 +144,8 @@ def openflamingo_config(preset: str) -> ml_collections.ConfigDict:
     vision_tokens="pre_ln_post"))
   # OF-4B froze all LM embeddings, including the new <image> / <|endofchunk|> rows.
   c.trainable = FLAMINGO_TRAINABLE if train_rows else r"^(resampler|xattn_\d+)/"
-  c.data = ml_collections.ConfigDict(dict(
-    source="synthetic", kind="interleaved", tokenizer=ml_collections.config_dict.placeholder(str),
-    image_size=224, max_images=5, max_text_len=256, num_records=200_000, seed=0, num_threads=8,
-    prefetch_buffer_size=8))
-  c.batch_size = 256
+  c.data = openflamingo_data()
+  c.batch_size = OF_MMC4_BATCH
   c.total_steps = 100_000
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.optimizer.update(learning_rate=1e-4, schedule="constant", warmup_steps=1875, weight_decay=0.1,

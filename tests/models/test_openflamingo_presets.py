@@ -1,6 +1,7 @@
 """The five OpenFlamingo presets have the released models' shapes (counted without allocating)."""
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 from flax import linen as nn
@@ -42,3 +43,24 @@ def test_shapes_match_the_released_models(preset, width, blocks, lm_params):
   assert counts["vision"] == 303_179_776  # HF CLIPVisionModel ViT-L/14 (no projection)
   assert counts["lm"] == lm_params
   assert c.model.lm["vocab_size"] == 50280 and c.model.media_token_id == 50278
+
+
+def test_presets_train_on_openflamingos_data_mixture(tmp_path):
+  """The presets' data is OpenFlamingo's LAION + MMC4 concat mixture; the shared tokenizer and path
+  overrides reach both components, and the pipeline builds from WebDataset shards."""
+  from tests.data.web_fixtures import noise_png, write_tar
+  from vlm_jax.data.pipeline import make_dataset
+  c = load_config("flamingo", "of9b")
+  mix = c.data.mixture
+  assert (mix.laion.weight, mix.mmc4.weight) == (0.2, 1.0)
+  assert (mix.laion.max_text_len, mix.mmc4.max_text_len, mix.mmc4.max_images) == (32, 256, 6)
+  assert (mix.laion.batch_size, mix.mmc4.batch_size) == (4096, 2048)
+  shard = str(tmp_path / "laion-00000.tar")
+  write_tar(shard, [m for i in range(4) for m in ((f"{i}.png", noise_png(i, 16)), (f"{i}.txt", b"a cat"))])
+  c.data.tokenizer = "synthetic"
+  c.data.laion_paths = shard
+  assert c.data.mixture.laion.paths == shard and c.data.mixture.mmc4.tokenizer == "synthetic"
+  laion = {k: v for k, v in c.data.mixture.laion.items() if k not in ("batch_size", "weight")}
+  batch = next(iter(make_dataset({**laion, "image_size": 16}, split="train", batch_size=2,
+                                 process_index=0, process_count=1)))
+  assert batch["inputs"]["vision_x"].dtype == np.uint8 and batch["inputs"]["input_ids"].shape == (2, 32)
