@@ -36,67 +36,36 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from vlm_jax.data.formats import config_fields, image_payloads, matching, of_layout
+from vlm_jax.data.formats.doc_options import DocumentOptions
 from vlm_jax.data.formats.line_index import LineIndex
 from vlm_jax.data.records import BadRecord
 
-BAD_IMAGE_POLICIES = ("skip", "drop")
-
-
 @dataclasses.dataclass(frozen=True)
-class MMC4Options:
-  """How MMC4 documents become records (defaults: OpenFlamingo's training settings).
+class MMC4Options(DocumentOptions):
+  """How MMC4 documents become records (defaults: OpenFlamingo's training settings); the shared
+  fields are `DocumentOptions`'."""
 
-  on_bad_image: "skip" leaves a missing / empty / non-image file out of the document before matching
-    (OF's behaviour for images that were never downloaded); "drop" drops the whole document with
-    that image's reason. Images under min_image_bytes are always just skipped (OF's filter).
-  """
+  READER: ClassVar[str] = "mmc4"
 
-  sim_threshold: float = 0.24
   min_image_bytes: int = 11_000
-  max_images: int = 6
-  matching: str = "hungarian"
   single_image_keep_prob: float = 0.5
-  on_bad_image: str = "skip"
-  seed: int = 0
-  image_dir: str | None = None
+  sim_threshold: float = 0.24
+  matching: str = "hungarian"
 
   def __post_init__(self):
-    if self.max_images < 1:
-      raise ValueError(f"mmc4: max_images must be >= 1, got {self.max_images}.")
-    if self.min_image_bytes < 0:
-      raise ValueError(f"mmc4: min_image_bytes must be >= 0, got {self.min_image_bytes}.")
+    super().__post_init__()
     if self.matching not in matching.METHODS:
       raise ValueError(f"mmc4: matching={self.matching!r}; expected one of {matching.METHODS}.")
-    if not 0.0 <= self.single_image_keep_prob <= 1.0:
-      raise ValueError(f"mmc4: single_image_keep_prob={self.single_image_keep_prob} not in [0, 1].")
-    if self.on_bad_image not in BAD_IMAGE_POLICIES:
-      raise ValueError(f"mmc4: on_bad_image={self.on_bad_image!r}; expected {BAD_IMAGE_POLICIES}.")
-    if self.seed < 0:
-      raise ValueError(f"mmc4: seed must be >= 0, got {self.seed}.")
 
 
 def options_from_config(config: Any, reader: str = "mmc4") -> MMC4Options:
   """MMC4Options from config.data fields of the same names (all optional)."""
-  defaults = MMC4Options()
-  return MMC4Options(
-    sim_threshold=float(config_fields.field(config, "sim_threshold", defaults.sim_threshold,
-                                            reader=reader)),
-    min_image_bytes=int(config_fields.field(config, "min_image_bytes", defaults.min_image_bytes,
-                                            reader=reader)),
-    max_images=int(config_fields.field(config, "max_images", defaults.max_images, reader=reader)),
-    matching=str(config_fields.field(config, "matching", defaults.matching, reader=reader)),
-    single_image_keep_prob=float(config_fields.field(
-      config, "single_image_keep_prob", defaults.single_image_keep_prob, reader=reader)),
-    on_bad_image=str(config_fields.field(config, "on_bad_image", defaults.on_bad_image,
-                                         reader=reader)),
-    seed=int(config_fields.field(config, "seed", defaults.seed, reader=reader)),
-    image_dir=config_fields.image_dir(config, reader=reader),
-  )
+  return MMC4Options.from_config(config, reader)
 
 
 def parse_document(raw: bytes | str | dict, record_id: str) -> dict[str, Any]:

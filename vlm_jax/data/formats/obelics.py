@@ -23,42 +23,23 @@ import dataclasses
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from vlm_jax.data.formats import config_fields, image_payloads, of_layout
-from vlm_jax.data.formats.mmc4 import BAD_IMAGE_POLICIES
+from vlm_jax.data.formats.doc_options import DocumentOptions
 from vlm_jax.data.records import BadRecord
 
 COLUMNS = ("texts", "images")
 
 
 @dataclasses.dataclass(frozen=True)
-class ObelicsOptions:
-  """How OBELICS rows become records; `on_bad_image` as in `mmc4.MMC4Options`."""
+class ObelicsOptions(DocumentOptions):
+  """How OBELICS rows become records (`DocumentOptions`; no single-image coin, no size floor)."""
 
-  max_images: int = 6
-  min_image_bytes: int = 0
-  single_image_keep_prob: float = 1.0
-  on_bad_image: str = "skip"
-  seed: int = 0
-  image_dir: str | None = None
-
-  def __post_init__(self):
-    if self.max_images < 1:
-      raise ValueError(f"obelics: max_images must be >= 1, got {self.max_images}.")
-    if self.min_image_bytes < 0:
-      raise ValueError(f"obelics: min_image_bytes must be >= 0, got {self.min_image_bytes}.")
-    if not 0.0 <= self.single_image_keep_prob <= 1.0:
-      raise ValueError(
-        f"obelics: single_image_keep_prob={self.single_image_keep_prob} not in [0, 1].")
-    if self.on_bad_image not in BAD_IMAGE_POLICIES:
-      raise ValueError(
-        f"obelics: on_bad_image={self.on_bad_image!r}; expected {BAD_IMAGE_POLICIES}.")
-    if self.seed < 0:
-      raise ValueError(f"obelics: seed must be >= 0, got {self.seed}.")
+  READER: ClassVar[str] = "obelics"
 
 
 def _url_or_path(value: str, image_dir: str | None, what: str) -> bytes:
@@ -205,14 +186,5 @@ class ObelicsSource:
 def make_source(data_config: Any, split: str) -> ObelicsSource:
   """ObelicsSource from config.data: `paths` (required; see config_fields), `image_dir`,
   `max_images`, `min_image_bytes`, `single_image_keep_prob`, `on_bad_image`, `seed` (optional)."""
-  reader, defaults = "obelics", ObelicsOptions()
-
-  def get(name):
-    return config_fields.field(data_config, name, getattr(defaults, name), reader=reader)
-
-  options = ObelicsOptions(
-    max_images=int(get("max_images")), min_image_bytes=int(get("min_image_bytes")),
-    single_image_keep_prob=float(get("single_image_keep_prob")),
-    on_bad_image=str(get("on_bad_image")), seed=int(get("seed")),
-    image_dir=config_fields.image_dir(data_config, reader=reader))
-  return ObelicsSource(config_fields.shard_paths(data_config, split, reader=reader), options)
+  return ObelicsSource(config_fields.shard_paths(data_config, split, reader="obelics"),
+                       ObelicsOptions.from_config(data_config))
