@@ -53,6 +53,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, max_to_keep=3, async_save=True))
   c.data = ml_collections.ConfigDict()
   c.evals = ml_collections.ConfigDict()
+  # Multi-host runs (vlm_jax.distributed): every host runs the same command. "auto" connects the
+  # processes under Slurm / Open MPI / on Cloud TPU VMs, or when a coordinator address is given;
+  # fields left unset fall back to env JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+  # / JAX_LOCAL_DEVICE_IDS, then to jax's auto-detection.
+  c.distributed = ml_collections.ConfigDict(dict(
+    enabled="auto",                                                 # "auto" | "true" | "false"
+    coordinator_address=ml_collections.config_dict.placeholder(str),  # "host:port" of process 0
+    num_processes=ml_collections.config_dict.placeholder(int),
+    process_id=ml_collections.config_dict.placeholder(int),
+    local_device_ids=ml_collections.FieldReference(None, field_type=object),  # [0, 1] or "0,1"
+    cpu_collectives="",            # CPU backend only: "gloo" | "mpi" | "" (jax's default)
+    initialization_timeout=300,    # seconds to wait for all processes to connect
+  ))
   # Initial weights: an earlier stage (trained first) and/or a directory from `python -m vlm_jax.convert`
   # (with config.model_name = "" its model.json also supplies the model config).
   c.init = ml_collections.ConfigDict({"stage": None, "stage_prefix": "",

@@ -38,6 +38,10 @@ def main(argv) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_threefry_partitionable", True)
+  from vlm_jax import distributed  # pylint: disable=g-import-not-at-top
+
+  if _CONFIG.value is not None:  # a multi-host job connects its processes before any backend use
+    distributed.maybe_initialize(_CONFIG.value)
   from vlm_jax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value

@@ -9,6 +9,11 @@
 - `loss`: mean training loss and token accuracy over held-out batches of `config.data`.
 
 Evaluators get the training loss function from the caller, so this room does not import the trainer.
+
+Multi-host: `run` is collective (every process calls it with the same params) and returns the same
+metrics on every process: `synthetic_vqa` holds the whole (small) eval set on every process, each
+process feeds only the rows of its own devices and the predictions come back replicated; `loss`
+reads each process's shard of the eval split and reduces on the devices.
 """
 
 from typing import Any
@@ -35,7 +40,10 @@ def zero_matching(params: Any, regex: str | None) -> Any:
   hits = matching(flat, regex)
   if not hits:
     raise ValueError(f"evals.*.zero_params={regex!r} matches no parameter")
-  return unflatten({k: (jnp.zeros_like(v) if k in hits else v) for k, v in flat.items()})
+  # Keep each param's sharding: a default-device array could not meet the others in a multi-host
+  # jit.
+  return unflatten({k: (jnp.zeros_like(v, device=getattr(v, "sharding", None)) if k in hits else v)
+                    for k, v in flat.items()})
 
 
 def _pad_batch(arrays: list[np.ndarray], size: int) -> np.ndarray:
@@ -44,6 +52,13 @@ def _pad_batch(arrays: list[np.ndarray], size: int) -> np.ndarray:
   if len(out) < size:
     out = np.concatenate([out, np.repeat(out[-1:], size - len(out), 0)])
   return out
+
+
+def _from_full(x: np.ndarray, mesh) -> jax.Array:
+  """A batch every process holds in full -> a global array split over the batch axes of `mesh`; each
+  process supplies just its own devices' rows (`sharding.global_batch` would instead take each
+  process's array as its share and stack them)."""
+  return jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh), lambda idx: x[idx])
 
 
 class SyntheticVQA:
@@ -79,7 +94,8 @@ class SyntheticVQA:
       return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0].argmax(-1)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      self._predict = jax.jit(predict)
+      # Replicated predictions: every process can read all of them (a few ints per example).
+      self._predict = jax.jit(predict, out_shardings=sharding.replicated(mesh))
     self._rules = rules
 
   def run(self, params) -> dict[str, float]:
@@ -88,13 +104,13 @@ class SyntheticVQA:
     preds = []
     for s in range(0, n, bs):
       sl = slice(s, min(n, s + bs))
-      local = {
+      full = {
         "vision_x": _pad_batch(list(self.images[sl]), bs),
         "input_ids": _pad_batch(list(self.ids[sl]), bs),
         "attention_mask": _pad_batch(list((self.ids[sl] != 0).astype(np.int32)), bs),
         "last": _pad_batch(list(self.lengths[sl] - 1), bs),
       }
-      batch = sharding.global_batch(local, self.mesh)
+      batch = {k: _from_full(v, self.mesh) for k, v in full.items()}
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self._rules):
         out = self._predict(params, batch["vision_x"], batch["input_ids"], batch["attention_mask"],
                             batch["last"])

@@ -5,6 +5,11 @@ two items: `state` (the `TrainState`, restored into an abstract tree that carrie
 a checkpoint written on one mesh restores onto another) and `data_iter` (grain's iterator state, so a
 resumed run continues the same data order). Saves are asynchronous; orbax writes into a temporary
 directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
+
+Multi-host: `save`, `restore` and `close` are collective: every process calls them at the same
+step. Each process writes the shards of `state` it holds (orbax coordinates the directory and
+metadata through process 0) and its own iterator state (`data_iter/process_<i>-of-<n>.json`), so the
+directory must be storage all processes see (gs://, NFS), and a resume needs the same process count.
 """
 
 import logging

@@ -20,13 +20,15 @@ def format_seconds(s: float) -> str:
 
 
 class MetricLogger:
-  """Writes scalars to `<workdir>/tensorboard` (process 0 only) and logs progress lines."""
+  """Writes scalars to `<workdir>/tensorboard` and logs progress lines, both on process 0 only (the
+  scalars are global: every process would write the same numbers)."""
 
   def __init__(self, workdir: str, total_steps: int, prefix: str = ""):
     self.total_steps = total_steps
     self.prefix = prefix
     self._writer = None
-    if jax.process_index() == 0:
+    self._chief = jax.process_index() == 0
+    if self._chief:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
       self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
@@ -56,7 +58,8 @@ class MetricLogger:
     if rates:
       line += [f"{rates['steps_per_sec']:.2f} steps/s", f"{rates['tokens_per_sec']:.0f} tok/s",
                f"ETA {format_seconds(rates['eta_sec'])}"]
-    logging.info(" | ".join(line))
+    if self._chief:
+      logging.info(" | ".join(line))
     self.write_scalars(step, {**{f"train/{k}": v for k, v in scalars.items()},
                               **{f"perf/{k}": v for k, v in rates.items()}})
 

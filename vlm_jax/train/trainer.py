@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from vlm_jax import sharding
+from vlm_jax import distributed, sharding
 from vlm_jax.data import mixture
 from vlm_jax.data.pipeline import make_dataset
 from vlm_jax.eval.evaluators import build_evaluators
@@ -85,7 +85,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
   """Train `config` in `workdir` (resuming if it holds a checkpoint); returns (results, final params)."""
   os.makedirs(workdir, exist_ok=True)
   stage = config.get("name", "train")
-  is_chief = jax.process_index() == 0
+  is_chief = distributed.is_chief()  # the one process that writes config.json and results.json
   if is_chief:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -115,6 +115,9 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
                       save_every=config.checkpoint.every_steps,
                       async_save=config.checkpoint.get("async_save", True))
   latest = ckpt.latest_step()
+  # Restore is collective: processes that disagree on the step would hang (or mix two states).
+  distributed.assert_same_on_all_processes(-1 if latest is None else latest,
+                                           f"the latest checkpoint step in {ckpt.directory}")
   if latest is not None:
     logging.info("[%s] resuming from checkpoint step %d in %s", stage, latest, workdir)
     state = ckpt.restore(latest, abstract_state, train_iter)
@@ -154,8 +157,9 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in keys}
     scalars["learning_rate"] = float(schedule(step))
     logger.log_train(step, scalars)
-    if hasattr(train_iter, "counters"):  # this process's records seen / skipped per reason
-      logger.write_scalars(step, {f"data/{k}": v for k, v in train_iter.counters().items()})
+    if hasattr(train_iter, "counters"):  # records seen / skipped per reason, summed over processes
+      counts = distributed.sum_counts(train_iter.counters())
+      logger.write_scalars(step, {f"data/{k}": v for k, v in counts.items()})
     return scalars
 
   last_scalars: dict = {}
@@ -182,12 +186,17 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
     ckpt.close()
 
   results_path = os.path.join(workdir, RESULTS_FILE)
-  if os.path.exists(results_path) and step == first_step:
-    with open(results_path) as f:
-      results = json.load(f)
-    if results.get("step") == step:
+  if step == first_step:  # nothing trained: a finished run's results stand, no need to evaluate
+    finished = None
+    if is_chief and os.path.exists(results_path):
+      with open(results_path) as f:
+        finished = json.load(f)
+    # Evaluations are collective, so every process must take the chief's decision (the others may
+    # not even see its results.json).
+    finished = distributed.broadcast_from_chief(finished)
+    if finished is not None and finished.get("step") == step:
       logger.close()
-      return results, state.params
+      return finished, state.params
   t0 = time.perf_counter()
   results = {"step": step, **_run_evals(evaluators, state.params, stage)}
   if last_scalars:
