@@ -26,7 +26,7 @@ from vlm_jax.convert.safetensors_io import write_checkpoint
 from vlm_jax.convert.sources import open_state_dict
 from vlm_jax.models import gpt_neox, llama, vit
 from vlm_jax.models import mpt
-from vlm_jax.param_paths import flatten
+from vlm_jax.param_paths import flatten, to_per_layer
 
 # model_type -> (converter module, model module)
 FAMILIES = {**{t: (llama_conv, llama) for t in llama_conv.MODEL_TYPES},
@@ -52,22 +52,23 @@ def family(hf: dict, path: str):
   return FAMILIES[model_type]
 
 
-def load_hf_lm(path: str, *, mesh: Mesh | None = None,
-               logical_rules=None) -> tuple[nn.Module, Any]:
+def load_hf_lm(path: str, *, mesh: Mesh | None = None, logical_rules=None,
+               scan_layers: bool = False) -> tuple[nn.Module, Any]:
   """An HF causal-LM directory -> (model, params) with `model.apply({"params": params}, input_ids,
-  attention_mask)` giving the HF model's logits first. With `mesh`, params land on their shards."""
+  attention_mask)` giving the HF model's logits first. With `mesh`, params land on their shards;
+  with `scan_layers`, the model scans its layers and the params are stacked (`lm.scan_layers`)."""
   hf = read_hf_config(path)
   conv, family_module = family(hf, path)
   kwargs = conv.model_kwargs_from_hf(hf, f"{path}/config.json")
-  model = family_module.Model(**kwargs)
+  model = family_module.Model(**kwargs, scan_layers=scan_layers)
   params = load_params(model, [jnp.zeros((1, 1), jnp.int32)],
                        [Part(open_state_dict(path), conv.rules(kwargs), path, conv.ignore)],
                        mesh=mesh, logical_rules=logical_rules)
   return model, params
 
 
-def load_hf_clip_vision(path: str, *, mesh: Mesh | None = None,
-                        logical_rules=None) -> tuple[nn.Module, Any]:
+def load_hf_clip_vision(path: str, *, mesh: Mesh | None = None, logical_rules=None,
+                        scan_layers: bool = False) -> tuple[nn.Module, Any]:
   """An HF CLIPVisionModel / CLIPModel directory -> (ViT model, params). The model takes NHWC float
   images and returns the last hidden state first, all hidden states in aux["hidden_states"]."""
   hf = read_hf_config(path)
@@ -75,7 +76,7 @@ def load_hf_clip_vision(path: str, *, mesh: Mesh | None = None,
     raise ValueError(f"{path}/config.json: model_type {hf.get('model_type')!r} is not a CLIP model "
                      f"({clip_conv.MODEL_TYPES})")
   kwargs = clip_conv.model_kwargs_from_hf(hf, f"{path}/config.json")
-  model = vit.Model(**kwargs)
+  model = vit.Model(**kwargs, scan_layers=scan_layers)
   s = kwargs["image_size"]
   reader = open_state_dict(path)
   rules = clip_conv.rules(kwargs, clip_conv.key_prefix(reader))
@@ -92,13 +93,14 @@ def model_kwargs(model: nn.Module) -> dict[str, Any]:
 
 def save_hf_lm(model: nn.Module, params: Any, path: str) -> None:
   """Write `config.json` + safetensors that `transformers.AutoModelForCausalLM` loads with the same
-  logits."""
+  logits. A scanned model's stacked params are written per layer, as HF keeps them."""
   # Exact type: gpt_neox.Model subclasses llama.Model.
   conv = next((c for c, m in FAMILIES.values() if type(model) is m.Model), None)
   if conv is None:
     raise ValueError(f"save_hf_lm: no HF export for {type(model).__module__}.{type(model).__name__}")
   kwargs = model_kwargs(model)
-  flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flatten(params).items()}
+  flat = to_per_layer(flatten(params), model.layer_stacks())
+  flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flat.items()}
   tensors = to_theirs(flat, conv.rules(kwargs))
   write_checkpoint(path, tensors)
   with open(os.path.join(path, "config.json"), "w") as f:

@@ -40,7 +40,7 @@ from vlm_jax.convert.safetensors_io import write_checkpoint
 from vlm_jax.convert.sources import open_state_dict
 from vlm_jax.models import llama, vit
 from vlm_jax.models import llava as llava_model
-from vlm_jax.param_paths import flatten
+from vlm_jax.param_paths import flatten, to_per_layer
 
 IMAGE_TOKEN_INDEX = -200  # the original code's marker id for an image (outside the vocabulary)
 
@@ -216,13 +216,14 @@ def ignore(key: str) -> bool:
 
 
 def load_hf_llava(path: str, *, vision: str | None = None, mesh: Mesh | None = None,
-                  logical_rules=None) -> tuple[nn.Module, Any]:
+                  logical_rules=None, scan_layers: bool = False) -> tuple[nn.Module, Any]:
   """A LLaVA-1.5 directory (any layout above) -> (model, params); `model.apply({"params": params},
   images_nhwc, input_ids, attention_mask)` gives the source model's logits first.
 
   vision: an HF CLIP directory. An original (liuhaotian) checkpoint needs it for the tower's config,
   and for its weights when the checkpoint does not embed them; embedded weights win.
-  With `mesh`, params land directly on their shards.
+  With `mesh`, params land directly on their shards; with `scan_layers`, both towers scan their
+  layers and the params are stacked.
   """
   hf = read_hf_config(path)
   reader = open_state_dict(path)  # safetensors, or the pytorch_model*.bin the liuhaotian repos ship
@@ -244,6 +245,9 @@ def load_hf_llava(path: str, *, vision: str | None = None, mesh: Mesh | None = N
   elif vision is not None and layout.name != "liuhaotian":
     raise ValueError(f"{path} holds its own vision tower and vision_config; vision={vision!r} "
                      "would be ignored")
+  if scan_layers:
+    kwargs = {**kwargs, "lm": {**kwargs["lm"], "scan_layers": True},
+              "vision": {**kwargs["vision"], "scan_layers": True}}
   model = llava_model.Model(**kwargs)
   s = model.vision["image_size"]
   example = [jnp.zeros((1, s, s, 3), jnp.float32),
@@ -302,7 +306,8 @@ def save_hf_llava(model: nn.Module, params: Any, path: str) -> None:
         "vision": model_kwargs(vit.Model(parent=None, **dict(model.vision or {}))),
         "projector_bias": model.projector_bias}
   layout = LAYOUT["llava-hf"]
-  flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flatten(params).items()}
+  flat = to_per_layer(flatten(params), model.layer_stacks())
+  flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flat.items()}
   tensors = to_theirs(flat, rules(kw, layout, layout.vision_root + "vision_model."))
   write_checkpoint(path, tensors)
   with open(os.path.join(path, "config.json"), "w") as f:

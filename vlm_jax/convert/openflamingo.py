@@ -159,7 +159,7 @@ def _vision(vision: str, ckpt, vision_weights: str | None, name: str):
 def load_openflamingo(checkpoint: str, *, lm: str, vision: str, cross_attn_every_n_layers: int,
                       vision_tokens: str = "pre_ln_post", vision_weights: str | None = None,
                       media_token_id: int | None = None, mesh: Mesh | None = None,
-                      logical_rules=None) -> tuple[nn.Module, Any]:
+                      logical_rules=None, scan_layers: bool = False) -> tuple[nn.Module, Any]:
   """An OpenFlamingo checkpoint -> (flamingo.Model, params).
 
   `model.apply({"params": params}, vision_x, lang_x, attention_mask)` with vision_x float
@@ -176,6 +176,9 @@ def load_openflamingo(checkpoint: str, *, lm: str, vision: str, cross_attn_every
       (what open_clip >= 2.23 returns).
     vision_weights: open_clip state dict for a JSON `vision` when the checkpoint has no vision_encoder.*.
     mesh, logical_rules: place each param directly on its shards.
+    scan_layers: build the ViT and the LM (with its xattn blocks) scanned, params stacked
+      (`vlm_jax.models.flamingo`; the LM's layer count must be a multiple of
+      cross_attn_every_n_layers).
   """
   ckpt = open_state_dict(checkpoint)
   hf_cfg = hf.read_hf_config(lm)
@@ -220,8 +223,9 @@ def load_openflamingo(checkpoint: str, *, lm: str, vision: str, cross_attn_every
   if media_token_id is None:
     _, ids = openflamingo_tokenizer(lm)
     media_token_id = ids["media"]
+  scan = dict(scan_layers=True) if scan_layers else {}
   model = flamingo.Model(
-    vision=vision_kw, lm=lm_kw, resampler=resampler_kw, xattn=xattn_kw,
+    vision={**vision_kw, **scan}, lm={**lm_kw, **scan}, resampler=resampler_kw, xattn=xattn_kw,
     lm_family=family.__name__.rsplit(".", 1)[-1], cross_attn_every_n_layers=cross_attn_every_n_layers,
     media_token_id=media_token_id, vision_tokens=vision_tokens)
   s = vision_kw["image_size"]

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from vlm_jax.layers.linear import dense
 from vlm_jax.layers.norms import LayerNorm
@@ -187,6 +188,9 @@ class SelfAttention(nn.Module):
               **kw)(x)
     v = dense((kvh, self.head_dim), ("embed", "kv_heads", "kv"), use_bias=self.qkv_bias, name="v",
               **kw)(x)
+    # Named for the "save_qkv_proj" remat policy (vlm_jax.layers.scan); a no-op otherwise.
+    q, k, v = (checkpoint_name(a, n) for a, n in zip((q, k, v), ("query_proj", "key_proj",
+                                                                "value_proj")))
     if self.clip_qkv is not None:
       q, k, v = (jnp.clip(a, -self.clip_qkv, self.clip_qkv) for a in (q, k, v))
     if self.qk_norm:

@@ -17,6 +17,15 @@ xattn block maps Dv to its own inner width (8 heads x 64 in OpenFlamingo). Submo
 what the released OpenFlamingo models were trained with) or "post_ln_post" (LN_post applied to every
 token, what open_clip >= 2.23 returns).
 
+Scale: `lm.scan_layers` scans the LM over groups of `cross_attn_every_n_layers` decoder layers, each
+group running its xattn block before its last layer (the placement above; num_layers must be a
+multiple of n). Params: the decoder layers as the scanned LM's `lm/layers/...` [L, ...] and the
+xattn blocks stacked as `lm/layers/xattn/...` [L / n, ...] (row g = `xattn_{g * n + n - 1}`), so
+freezing and weight-decay regexes written for `xattn_{i}/` need `lm/layers/xattn/`. `lm.remat_policy`
+rematerialises the decoder layers and the xattn blocks alike; `vision.scan_layers` /
+`vision.remat_policy` do the same for the ViT. `layer_stacks()` lists the scanned stacks for the
+converters (`vlm_jax.param_paths`).
+
 Packed rows (`vlm_jax.data.packing`): `segment_ids` int[B, T_txt] keeps packed examples apart in
 the LM's self-attention (`vlm_jax.models.llama`). The xattn needs no mask of its own: a text token
 sees image cumsum(<image>)[t], its own example's image as long as every packed example starts with
@@ -24,6 +33,7 @@ its `<image>` (the packer checks that). Attending to all earlier images would re
 examples, so packing requires `only_attend_immediate_media=True`.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,7 +42,9 @@ import jax.numpy as jnp
 
 from vlm_jax.layers.gated_xattn import GatedCrossAttentionBlock, media_text_time
 from vlm_jax.layers.resampler import PerceiverResampler
-from vlm_jax.models import model_class, vit
+from vlm_jax.layers.scan import remat_call
+from vlm_jax.models import llama, model_class, vit
+from vlm_jax.param_paths import LayerStack
 
 Dtype = Any
 LM_FAMILIES = ("llama", "gpt_neox", "mpt")
@@ -66,7 +78,26 @@ class Model(nn.Module):
     if self.vision_tokens not in ("pre_ln_post", "post_ln_post"):
       raise ValueError(f"model.vision_tokens must be 'pre_ln_post' or 'post_ln_post', "
                        f"got {self.vision_tokens!r}")
+    lm = model_class(self.lm_family, "model.lm_family")(parent=None, **dict(self.lm or {}))
+    every = self.cross_attn_every_n_layers
+    if lm.scan_layers and (every < 1 or lm.num_layers % every):
+      raise ValueError(f"model.lm.scan_layers scans groups of model.cross_attn_every_n_layers "
+                       f"({every}) decoder layers, one xattn block each: model.lm.num_layers "
+                       f"({lm.num_layers}) must be a multiple of it (or scan_layers=False)")
     super().__post_init__()
+
+  @nn.nowrap
+  def layer_stacks(self) -> tuple[LayerStack, ...]:
+    """The scanned stacks of this model's param layout (vision, LM and xattn; none by default)."""
+    lm_cfg = dict(self.lm or {})
+    lm = model_class(self.lm_family, "model.lm_family")(parent=None, **lm_cfg)
+    out = [s.prefixed("vision/") for s in vit.Model(parent=None, **dict(self.vision or {}))
+           .layer_stacks()]
+    out += [s.prefixed("lm/") for s in lm.layer_stacks()]
+    if lm.scan_layers:
+      ids = xattn_layer_ids(lm.num_layers, self.cross_attn_every_n_layers)
+      out.append(LayerStack("xattn_{i}", "lm/layers/xattn", tuple(ids)))
+    return tuple(out)
 
   @nn.compact
   def __call__(
@@ -99,19 +130,22 @@ class Model(nn.Module):
     media, _ = PerceiverResampler(name="resampler", **kw, **dict(self.resampler or {}))(tokens)
     if text_time is None:
       text_time = media_text_time(input_ids == self.media_token_id)
-    xattn_cfg = dict(self.xattn or {})
-    blocks = {
-      i: GatedCrossAttentionBlock(
-        only_attend_immediate_media=self.only_attend_immediate_media, name=f"xattn_{i}", **kw,
-        **xattn_cfg)
-      for i in xattn_layer_ids(lm_cfg.get("num_layers", 1), self.cross_attn_every_n_layers)
-    }
+    block = functools.partial(
+      GatedCrossAttentionBlock, only_attend_immediate_media=self.only_attend_immediate_media, **kw,
+      **dict(self.xattn or {}))
+    lm = model_class(self.lm_family, "model.lm_family")(name="lm", **kw, **lm_cfg)
+    hooks = {}
+    if lm.scan_layers:
+      hooks["layer_group"] = llama.LayerGroup(self.cross_attn_every_n_layers, block,
+                                              (media, text_time))
+    else:
+      blocks = {i: block(name=f"xattn_{i}")
+                for i in xattn_layer_ids(lm.num_layers, self.cross_attn_every_n_layers)}
 
-    def before_layer(i: int, h: jax.Array) -> jax.Array:
-      return blocks[i](h, media, text_time)[0] if i in blocks else h
-
-    lm_module = model_class(self.lm_family, "model.lm_family")
-    logits, laux = lm_module(name="lm", **kw, **lm_cfg)(input_ids, attention_mask,
-                                                        before_layer=before_layer,
-                                                        segment_ids=segment_ids)
+      def before_layer(i: int, h: jax.Array) -> jax.Array:
+        if i not in blocks:
+          return h
+        return remat_call(blocks[i], lm.remat_policy, h, media, text_time)[0]
+      hooks["before_layer"] = before_layer
+    logits, laux = lm(input_ids, attention_mask, segment_ids=segment_ids, **hooks)
     return logits, {"media": media, "text_time": text_time, "lm": laux}

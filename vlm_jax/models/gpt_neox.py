@@ -8,6 +8,8 @@ RoPE on only the first `rotary_pct * head_dim` features of each head, and the pa
   h = x + Attn(LN_1(x));  h = h + MLP(LN_2(h))  (otherwise)
 """
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -60,11 +62,12 @@ class Model(llama.Model):
       raise ValueError("lm.num_kv_heads: GPT-NeoX has no grouped-query attention")
     super().__post_init__()
 
-  def decoder_layer(self, i: int, kw: dict) -> nn.Module:
+  @nn.nowrap
+  def decoder_layer(self, kw: dict):
     rotary_dim = int(self.dim_per_head * self.rotary_pct)
-    return DecoderLayer(self.num_heads, self.dim_per_head, self.mlp_dim, self.rope_theta,
-                        rotary_dim - rotary_dim % 2, self.norm_eps, self.use_parallel_residual,
-                        name=f"layers_{i}", **kw)
+    return functools.partial(DecoderLayer, self.num_heads, self.dim_per_head, self.mlp_dim,
+                             self.rope_theta, rotary_dim - rotary_dim % 2, self.norm_eps,
+                             self.use_parallel_residual, **kw)
 
   def final_norm(self, kw: dict) -> nn.Module:
     return LayerNorm(self.norm_eps, name="norm", **kw)

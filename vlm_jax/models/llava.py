@@ -19,7 +19,10 @@ id 0 and then overwritten, so any id works, -200 included.
 
 Submodule names are fixed (`vision`, `projector`, `lm`) so freezing/sharding/conversion regexes stay
 stable. The vision tower's layers after `vision_feature_layer` and its LN_post still own params (the
-checkpoints have them), but their outputs are unused, so XLA drops that compute under jit.
+checkpoints have them), but their outputs are unused, so XLA drops that compute under jit (not
+with `vision.scan_layers`: a scan runs every layer).
+`lm.scan_layers` / `vision.scan_layers` and `*.remat_policy` are the towers' own options;
+`layer_stacks()` lists the scanned stacks for the converters.
 """
 
 from typing import Any, Sequence
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 
 from vlm_jax.layers.mlp import Mlp, activation
 from vlm_jax.models import model_class, vit
+from vlm_jax.param_paths import LayerStack
 
 Dtype = Any
 LM_FAMILIES = ("llama", "gpt_neox", "mpt")  # decoders whose __call__ takes `embed_hook`
@@ -90,6 +94,14 @@ class Model(nn.Module):
     """P: the run of image tokens each image occupies in input_ids (576 for CLIP-L/14 at 336)."""
     v = vit.Model(parent=None, **dict(self.vision or {}))  # parent=None: no submodule made
     return v.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+  @nn.nowrap
+  def layer_stacks(self) -> tuple[LayerStack, ...]:
+    """The scanned stacks of this model's param layout (none unless a tower scans its layers)."""
+    lm = model_class(self.lm_family, "model.lm_family")(parent=None, **dict(self.lm or {}))
+    vision = vit.Model(parent=None, **dict(self.vision or {}))
+    return tuple([s.prefixed("vision/") for s in vision.layer_stacks()]
+                 + [s.prefixed("lm/") for s in lm.layer_stacks()])
 
   def _select(self, hidden_states: Sequence[jax.Array]) -> jax.Array:
     """ViT hidden states -> float[N, P, Dv'] (HF `get_image_features`, original `feature_select`);

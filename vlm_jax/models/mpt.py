@@ -16,6 +16,8 @@ Everything else, including the `before_layer` hook Flamingo's gated xattn uses, 
 query and key indices in the (left-padded, cached) buffer, as MPT and HF do.
 """
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -89,10 +91,11 @@ class Model(llama.Model):
       raise ValueError(f"lm.clip_qkv must be positive or None, got {self.clip_qkv}")
     super().__post_init__()
 
-  def decoder_layer(self, i: int, kw: dict) -> nn.Module:
-    return DecoderLayer(self.num_heads, self.kv_heads, self.dim_per_head, self.mlp_dim,
-                        self.norm_eps, self.use_bias, self.qk_norm, self.clip_qkv,
-                        self.alibi_bias_max, name=f"layers_{i}", **kw)
+  @nn.nowrap
+  def decoder_layer(self, kw: dict):
+    return functools.partial(DecoderLayer, self.num_heads, self.kv_heads, self.dim_per_head,
+                             self.mlp_dim, self.norm_eps, self.use_bias, self.qk_norm,
+                             self.clip_qkv, self.alibi_bias_max, **kw)
 
   def final_norm(self, kw: dict) -> nn.Module:
     return LayerNorm(self.norm_eps, self.use_bias, name="norm", **kw)

@@ -10,8 +10,13 @@ hidden state (before `LN_post`, like HF's `last_hidden_state`) first and, in aux
 `hidden_states`: the pre-LN'd embeddings then each layer's output), the pooled output, and the last
 hidden state with `LN_post` applied to all tokens (what open_clip >= 2.23 returns as tokens).
 OpenAI CLIP weights use QuickGELU (`act="quick_gelu"`, the default); `act="gelu"` for others.
+
+`scan_layers` runs the encoder layers as one `nn.scan` (params `layers/...` with a leading layer
+axis; the hidden states come back as the scan's per-layer outputs, the same tuple), `remat_policy`
+rematerialises each layer (`vlm_jax.layers.scan`).
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +27,8 @@ from vlm_jax.layers.attention import SelfAttention
 from vlm_jax.layers.embeddings import learned_positions
 from vlm_jax.layers.mlp import Mlp
 from vlm_jax.layers.norms import LayerNorm
+from vlm_jax.layers.scan import check_remat_policy, remat_call, scan_layers
+from vlm_jax.param_paths import LayerStack
 
 Dtype = Any
 # OpenAI CLIP pixel statistics, for uint8 input (equal to vlm_jax.data.images'; models import no data).
@@ -63,10 +70,13 @@ class Model(nn.Module):
   mlp_dim: int | None = None
   act: str = "quick_gelu"
   norm_eps: float = 1e-5
+  scan_layers: bool = False
+  remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
+    check_remat_policy(self.remat_policy, "vision.remat_policy")
     if self.width % self.heads:
       raise ValueError(f"vision.width ({self.width}) must be divisible by vision.heads ({self.heads})")
     if self.image_size % self.patch_size:
@@ -108,11 +118,26 @@ class Model(nn.Module):
     x = LayerNorm(self.norm_eps, name="pre_norm", **kw)(x)
     hidden_states = [x]
     mlp_dim = self.mlp_dim or 4 * self.width
-    for i in range(self.depth):
-      x = EncoderLayer(self.heads, mlp_dim, self.act, self.norm_eps, name=f"layers_{i}", **kw)(x)
-      hidden_states.append(x)
+    layer = functools.partial(EncoderLayer, self.heads, mlp_dim, self.act, self.norm_eps, **kw)
+    if self.scan_layers:
+      def body(mdl, h, _):
+        h = remat_call(mdl, self.remat_policy, h, scanned=True)
+        return h, h
+      x, per_layer = scan_layers(body, layer(name="layers"), x, None, length=self.depth)
+      hidden_states += list(per_layer)
+    else:
+      for i in range(self.depth):
+        x = remat_call(layer(name=f"layers_{i}"), self.remat_policy, x)
+        hidden_states.append(x)
     post_norm = LayerNorm(self.norm_eps, name="post_norm", **kw)
     post_tokens = post_norm(x)
     aux = {"hidden_states": tuple(hidden_states), "pooled": post_tokens[:, 0],
            "post_norm_tokens": post_tokens}
     return x, aux
+
+  @nn.nowrap
+  def layer_stacks(self) -> tuple[LayerStack, ...]:
+    """The scanned stacks of this model's param layout (none unless scan_layers)."""
+    if not self.scan_layers:
+      return ()
+    return (LayerStack("layers_{i}", "layers", tuple(range(self.depth))),)

@@ -9,6 +9,9 @@
   `config.init.checkpoint_prefix` (e.g. `lm/` to start a Flamingo from a converted LM; "" for a whole
   model). Params of this run that the checkpoint lacks keep their fresh init (and are logged).
 Every copied param must exist in this run's state with the same shape: nothing is silently dropped.
+Converted checkpoints (and earlier stages) hold per-layer params (`lm/layers_3/...`); when this
+run's model scans its layers (`scan_layers`, `model.layer_stacks()`), they are stacked into its
+`lm/layers/...` params, which must then receive every layer of the stack.
 """
 
 import logging
@@ -16,9 +19,12 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from vlm_jax import converted
-from vlm_jax.param_paths import flatten, unflatten
+from vlm_jax.models import build_model
+from vlm_jax.param_paths import LayerStack, flatten, layer_slots, unflatten
 from vlm_jax.train.state import TrainState
 
 
@@ -39,9 +45,13 @@ def model_config(config) -> tuple[str, dict]:
 def load_initial_weights(config, workdir: str, state: TrainState, abstract_state: TrainState
                          ) -> TrainState:
   init = config.get("init") or {}
+  if not init.get("checkpoint") and not init.get("stage"):
+    return state
+  model = build_model(*model_config(config))
+  stacks = model.layer_stacks() if hasattr(model, "layer_stacks") else ()
   if init.get("checkpoint"):
     state = load_converted_checkpoint(init.checkpoint, init.get("checkpoint_prefix", ""), state,
-                                      abstract_state)
+                                      abstract_state, stacks)
   stage = init.get("stage")
   if not stage:
     return state
@@ -52,33 +62,80 @@ def load_initial_weights(config, workdir: str, state: TrainState, abstract_state
   _, params = trainer.train_and_evaluate(stage, stage_dir)
   prefix = init.get("stage_prefix", "")
   loaded = {f"{prefix}/{k}" if prefix else k: v for k, v in flatten(params).items()}
+  targets = {**flatten(abstract_state.trainable), **flatten(abstract_state.frozen)}
+  loaded = stack_rows(loaded, targets, layer_slots(targets, stacks), source=f"stage {stage.name!r}")
   return overwrite_params(state, abstract_state, loaded, source=f"stage {stage.name!r}")
 
 
 def load_converted_checkpoint(directory: str, prefix: str, state: TrainState,
-                              abstract_state: TrainState) -> TrainState:
-  """Restore a converted checkpoint's params onto the shardings of this run's params at `prefix`."""
+                              abstract_state: TrainState,
+                              stacks: tuple[LayerStack, ...] = ()) -> TrainState:
+  """Restore a converted checkpoint's params onto the shardings of this run's params at `prefix`;
+  per-layer params of a scanned stack (`stacks`) are stacked into it."""
   targets = {**flatten(abstract_state.trainable), **flatten(abstract_state.frozen)}
+  slots = layer_slots(targets, stacks)  # per-layer path -> (stacked path, row)
 
   def ours(path):
     return f"{prefix.rstrip('/')}/{path}" if prefix else path
+
+  def target_shape(path):
+    if path in targets:
+      return tuple(targets[path].shape)
+    return tuple(targets[slots[path][0]].shape[1:]) if path in slots else None
   stored = converted.stored_shapes(directory)
-  absent = sorted(p for p in stored if ours(p) not in targets)
+  absent = sorted(p for p in stored if target_shape(ours(p)) is None)
   if absent:
     raise KeyError(f"{directory}: params {[ours(p) for p in absent[:8]]} have no counterpart in this "
                    "model (wrong config preset, or config.init.checkpoint_prefix?)")
-  wrong = [f"{ours(p)}: stored {s}, model {tuple(targets[ours(p)].shape)}"
-           for p, (s, _) in stored.items() if s != tuple(targets[ours(p)].shape)]
+  wrong = [f"{ours(p)}: stored {s}, model {target_shape(ours(p))}"
+           for p, (s, _) in stored.items() if s != target_shape(ours(p))]
   if wrong:
     raise ValueError(f"{directory}: shapes differ from this model's: {wrong[:8]}")
-  params = converted.load_converted(directory, {p: targets[ours(p)].sharding for p in stored})
+  params = converted.load_converted(directory, {p: _restore_sharding(ours(p), targets, slots)
+                                                for p in stored})
+  loaded = {ours(p): v for p, v in flatten(params).items()}
+  loaded = stack_rows(loaded, targets, slots, source=directory)
   untouched = sorted(k for k in targets if (k.startswith(prefix) if prefix else True)
-                     and k not in {ours(p) for p in stored})
+                     and k not in loaded)
   if untouched:
     logging.info("init: %d params under %r are not in %s and keep their init, e.g. %s",
                  len(untouched), prefix, directory, untouched[:4])
-  loaded = {ours(p): v for p, v in flatten(params).items()}
   return overwrite_params(state, abstract_state, loaded, source=directory)
+
+
+def _restore_sharding(path: str, targets: dict, slots: dict) -> jax.sharding.Sharding:
+  """Where to restore a stored param: its target's sharding, or for one row of a stacked target,
+  that sharding without the leading layer axis."""
+  if path in targets:
+    return targets[path].sharding
+  sharding = targets[slots[path][0]].sharding
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def stack_rows(loaded: dict[str, Any], targets: dict[str, Any], slots: dict[str, tuple[str, int]],
+               *, source: str) -> dict[str, Any]:
+  """Per-layer params that this model holds stacked (`slots`) -> its stacked params; a stack must
+  get all of its layers (a stacked param cannot keep its init for some rows)."""
+  rows: dict[str, dict[int, Any]] = {}
+  out = {}
+  for path, value in loaded.items():
+    if path in targets or path not in slots:
+      out[path] = value
+    else:
+      stacked, row = slots[path]
+      rows.setdefault(stacked, {})[row] = value
+  for stacked, got in rows.items():
+    n = targets[stacked].shape[0]
+    if sorted(got) != list(range(n)):
+      layers = sorted(p for p, (s, _) in slots.items() if s == stacked)
+      lacking = [p for p in layers if slots[p][1] not in got]
+      raise KeyError(f"{source}: the scanned param {stacked!r} needs all {n} layers, but "
+                     f"{lacking[:4]} are missing")
+    stack = jax.jit(lambda *r: jnp.stack(r), out_shardings=targets[stacked].sharding)
+    out[stacked] = stack(*[got[i] for i in range(n)])
+  return out
 
 
 def overwrite_params(state: TrainState, abstract_state: TrainState, loaded: dict[str, Any], *,
