@@ -57,7 +57,9 @@ VIT_L14 = dict(image_size=224, patch_size=14, width=1024, depth=24, heads=16, ml
 PRESETS = ("default", "tiny", *OPENFLAMINGO)
 # Trained in the Flamingo stage: resampler, xattn blocks, and the LM input embedding table, of which the
 # gradient row mask keeps only the <image> and <|endofchunk|> rows (OpenFlamingo).
-FLAMINGO_TRAINABLE = r"^(resampler|xattn_\d+)/|^lm/embed/embedding$"
+# xattn blocks live at `xattn_{i}/` per layer, or stacked at `lm/layers/xattn/` with lm.scan_layers.
+XATTN = r"(xattn_\d+|lm/layers/xattn)/"
+FLAMINGO_TRAINABLE = rf"^(resampler/|{XATTN})|^lm/embed/embedding$"
 
 
 def _sizes(preset: str) -> dict:
@@ -143,13 +145,13 @@ def openflamingo_config(preset: str) -> ml_collections.ConfigDict:
     cross_attn_every_n_layers=every, media_token_id=OF_MEDIA_ID, only_attend_immediate_media=True,
     vision_tokens="pre_ln_post"))
   # OF-4B froze all LM embeddings, including the new <image> / <|endofchunk|> rows.
-  c.trainable = FLAMINGO_TRAINABLE if train_rows else r"^(resampler|xattn_\d+)/"
+  c.trainable = FLAMINGO_TRAINABLE if train_rows else rf"^(resampler/|{XATTN})"
   c.data = openflamingo_data()
   c.batch_size = OF_MMC4_BATCH
   c.total_steps = 100_000
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.optimizer.update(learning_rate=1e-4, schedule="constant", warmup_steps=1875, weight_decay=0.1,
-                     weight_decay_regex=r"^xattn_\d+/", grad_clip_norm=1.0,
+                     weight_decay_regex=rf"^{XATTN}", grad_clip_norm=1.0,
                      trainable_rows={"lm/embed/embedding": [OF_MEDIA_ID, OF_EOC_ID]} if train_rows else {})
   c.checkpoint.every_steps = 1000
   c.log_every = 50
@@ -189,14 +191,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # decay lets it settle (at a constant 1e-3 shape accuracy plateaued near 83% from step 1600 to 2000).
   c.optimizer.update(
     learning_rate=1e-3, schedule="cosine", warmup_steps=min(50, s["fl_steps"] // 4),
-    weight_decay=0.1, weight_decay_regex=r"^xattn_\d+/",   # OpenFlamingo: wd on xattn only
+    weight_decay=0.1, weight_decay_regex=rf"^{XATTN}",   # OpenFlamingo: wd on xattn only
     grad_clip_norm=1.0, trainable_rows={"lm/embed/embedding": [tok.MEDIA_ID, tok.EOC_ID]})
   c.checkpoint.every_steps = s["ckpt_every"]
   c.eval_every = s["fl_steps"] // 4 if preset == "default" else 0
   c.evals = ml_collections.ConfigDict({
     "vqa": {"type": "synthetic_vqa", "num_examples": s["eval_examples"]},
     "vqa_gates_off": {"type": "synthetic_vqa", "num_examples": s["eval_examples"],
-                      "zero_params": r"^xattn_\d+/(attn_gate|ff_gate)$", "suffix": "_gates_off"},
+                      "zero_params": rf"^{XATTN}(attn_gate|ff_gate)$", "suffix": "_gates_off"},
   })
   c.init.stage = lm_stage
   c.init.stage_prefix = "lm"
