@@ -33,6 +33,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+from cli_args import split_main_args
 
 # Environment exported before `srun` (override or extend with --env KEY=VALUE, drop with
 # --no-default-env). Each is a common setting for JAX on H100 clusters; the comment says why.
@@ -57,11 +58,7 @@ CLUSTER_ENV_HINTS = (
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  if "--" in argv:
-    i = argv.index("--")
-    argv, main_args = argv[:i], argv[i + 1:]
-  else:
-    main_args = []
+  argv, main_args = split_main_args(argv)
   p = argparse.ArgumentParser(prog="launch/slurm.py", description=__doc__.split("\n\n")[0],
                               epilog="Arguments after `--` go to `python -m vlm_jax.main`.")
   p.add_argument("--nodes", type=int, required=True)

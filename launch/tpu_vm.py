@@ -34,6 +34,7 @@ import shlex
 import subprocess
 import sys
 import time
+from cli_args import split_main_args
 
 # The JAX runtime ("software version") per TPU generation, from the Cloud TPU docs' "TPU software
 # versions" table: the base images on which `pip install jax[tpu]` is the recommended setup.
@@ -226,11 +227,7 @@ class Runner:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  if "--" in argv:
-    i = argv.index("--")
-    argv, main_args = argv[:i], argv[i + 1:]
-  else:
-    main_args = []
+  argv, main_args = split_main_args(argv)
   p = argparse.ArgumentParser(
     prog="launch/tpu_vm.py", description=__doc__.split("\n\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
