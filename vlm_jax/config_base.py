@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0                 # periodic evaluation (0 = only at the end)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 = remaining devices
   c.sharding_rules = ml_collections.FieldReference(None, field_type=list)   # None = sharding.DEFAULT_RULES
+  c.max_replicated_fraction = 0.05  # fail if more param bytes than this are not split over fsdp>1
   c.optimizer = ml_collections.ConfigDict(dict(
     name="adamw", learning_rate=1e-4, schedule="constant", warmup_steps=0, total_steps=c.get_ref(
       "total_steps"), b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, weight_decay_regex="",

@@ -17,7 +17,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<family>.py[:
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, "
                                "config.json and results.json (default: runs/<config>[_<preset>]).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "compile_only"], "What to run: train, or "
+                          "compile the train step for the mesh and report per-device memory.")
+_COMPILE_DEVICES = flags.DEFINE_integer("compile_devices", None, "compile_only: fake CPU devices "
+                                        "(default: the mesh's size or the --target's)")
+_TARGET = flags.DEFINE_string("target", None, "compile_only: v5e-8, v5p-8, 8xh100, ... or a TPU "
+                              "topology like v5e:2x4 (see vlm_jax.compile_only.TARGETS)")
+_DEVICE_MEMORY_GB = flags.DEFINE_float("device_memory_gb", None, "compile_only: per-device memory "
+                                       "budget in GB (default: the --target's)")
 
 
 def default_workdir(config_arg: str) -> str:
@@ -38,6 +45,10 @@ def main(argv) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_threefry_partitionable", True)
+  if _MODE.value == "compile_only":  # CPU and fake devices, set before any backend starts
+    from vlm_jax import compile_only  # pylint: disable=g-import-not-at-top
+
+    compile_only.setup_host_devices(_CONFIG.value, _COMPILE_DEVICES.value, _TARGET.value)
   from vlm_jax import distributed  # pylint: disable=g-import-not-at-top
 
   if _CONFIG.value is not None:  # a multi-host job connects its processes before any backend use
@@ -52,6 +63,9 @@ def main(argv) -> None:
   if _MODE.value == "train":
     results, _ = train_and_evaluate(config, workdir)
     logging.info("results: %s", results)
+  elif _MODE.value == "compile_only":
+    compile_only.run(config, workdir, num_devices=_COMPILE_DEVICES.value, target=_TARGET.value,
+                     device_memory_gb=_DEVICE_MEMORY_GB.value)
 
 
 if __name__ == "__main__":

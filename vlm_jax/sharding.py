@@ -97,3 +97,77 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_batch)
+
+
+def _path_str(path) -> str:
+  """A tree path as the library's '/'-joined param path (`lm/layers_3/attn/q/kernel`)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _nbytes(x) -> int:
+  return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def per_device_bytes(abstract_tree: Any) -> int:
+  """Bytes of the largest per-device share of a tree of `ShapeDtypeStruct`s/arrays with shardings.
+
+  Exact for the layout the shardings describe: every leaf counts its shard on each device (uneven
+  splits included), and the device holding the most is reported.
+  """
+  per_device: dict[Any, int] = {}
+  for x in jax.tree.leaves(abstract_tree):
+    itemsize = np.dtype(x.dtype).itemsize
+    for device, index in x.sharding.devices_indices_map(tuple(x.shape)).items():
+      n = math.prod(len(range(*s.indices(d))) for s, d in zip(index, x.shape))
+      per_device[device] = per_device.get(device, 0) + n * itemsize
+  return max(per_device.values(), default=0)
+
+
+def _split_over(sharding_: jax.sharding.Sharding, axis: str) -> bool:
+  if isinstance(sharding_, NamedSharding):
+    for entry in sharding_.spec:
+      if entry == axis or (isinstance(entry, tuple) and axis in entry):
+        return True
+    return False
+  return not sharding_.is_fully_replicated
+
+
+def replicated_params(abstract_params: Any, axis: str = "fsdp") -> list[tuple[str, int]]:
+  """[(param path, bytes)] of the params whose sharding does not split them over mesh `axis`,
+  largest first. Leaves are `ShapeDtypeStruct`s (or arrays) carrying their `.sharding`."""
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_params)
+  out = [(_path_str(p), _nbytes(x)) for p, x in leaves if not _split_over(x.sharding, axis)]
+  return sorted(out, key=lambda item: -item[1])
+
+
+def replicated_fraction(abstract_params: Any, mesh: Mesh, axis: str = "fsdp") -> float:
+  """Fraction of parameter bytes held whole on every device of an `axis` group of `mesh`.
+
+  With `fsdp > 1` every large param should be split over `fsdp` (the rules map `embed` to it); a
+  param that is not is replicated on all `fsdp` devices (on every device of a pure-FSDP mesh), which
+  costs `fsdp` times its share of memory. Small params (norm scales, biases, gates) are fine and
+  count here only by their size. With `mesh.shape[axis] == 1` nothing can be split over the axis and
+  the result is 0.0.
+  """
+  if mesh.shape.get(axis, 1) == 1:
+    return 0.0
+  total = sum(_nbytes(x) for x in jax.tree.leaves(abstract_params))
+  return sum(b for _, b in replicated_params(abstract_params, axis)) / max(total, 1)
+
+
+def check_replication(abstract_params: Any, mesh: Mesh, max_fraction: float,
+                      axis: str = "fsdp", show: int = 10) -> float:
+  """Fail fast (MaxText's `sharding_tolerance` idea) when more than `max_fraction` of the param
+  bytes are not split over `axis` although `mesh.shape[axis] > 1`: usually a param without logical
+  axis names, or rules (`config.sharding_rules`) that map its names to no mesh axis.
+  -> the fraction."""
+  fraction = replicated_fraction(abstract_params, mesh, axis)
+  if fraction > max_fraction:
+    worst = replicated_params(abstract_params, axis)[:show]
+    listing = "\n".join(f"  {path}: {b / 2**20:.1f} MiB" for path, b in worst)
+    raise ValueError(
+      f"{100 * fraction:.1f}% of the parameter bytes are replicated over the '{axis}' mesh axis "
+      f"(size {mesh.shape[axis]}), more than config.max_replicated_fraction={max_fraction}. Give "
+      f"these params logical axis names that config.sharding_rules map to '{axis}' (e.g. 'embed'), "
+      f"or raise the limit. Largest:\n{listing}")
+  return fraction

@@ -109,6 +109,9 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
   # Params do not depend on text length or image count: any mixture component's shapes will do.
   example_inputs = jax.tree.map(lambda x: jnp.asarray(x[:1]), _plain_batches(example)[0]["inputs"])
   tx, init_fn, abstract_state = build_state(config, model, example_inputs, mesh, rules)
+  if mesh.shape["fsdp"] > 1:  # fail before allocating if big params would sit whole on every device
+    sharding.check_replication(abstract_state.params, mesh,
+                               config.get("max_replicated_fraction", 0.05))
   train_iter = iter(train_ds)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
