@@ -171,7 +171,10 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
       local = next(train_iter)
       batch = sharding.global_batch(local, mesh)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = p_step(state, batch, jax.random.fold_in(base_rng, step))
+        # Traced (first call) inside the mesh and rules, or the models' activation sharding
+        # constraints are dropped from the compiled step.
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+          state, metrics = p_step(state, batch, jax.random.fold_in(base_rng, step))
       step += 1
       pending.append(metrics)
       logger.count_tokens(_local_tokens(local) * jax.process_count())
