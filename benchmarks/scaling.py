@@ -33,6 +33,7 @@ import platform
 import subprocess
 import sys
 import time
+from timing import time_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -98,19 +99,11 @@ def worker(num_devices: int, global_batch: int, steps: int) -> dict:
                    out_shardings=(state_sharding, sharding.replicated(mesh)))
     compiled = step.lower(state, gbatch, key).compile()
   compile_s = time.perf_counter() - t0
-  state, m = compiled(state, gbatch, key)  # warm-up
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, gbatch, key)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
+  step_s, min_s, m = time_steps(compiled, state, gbatch, key, steps=steps, warmup=1)
   per_device = memory["per_device_bytes"]
   return {"devices": num_devices, "mesh": memory["mesh"], "global_batch": b,
           "per_device_batch": b // num_devices, "compile_s": compile_s, "step_time_s": step_s,
-          "step_time_min_s": float(np.min(times)), "tokens_per_s": b * t / step_s,
+          "step_time_min_s": min_s, "tokens_per_s": b * t / step_s,
           "loss": float(m["loss"]), "params": memory["params"],
           "per_device_bytes": {k: per_device[k] for k in (
             "params", "params_trainable", "params_frozen", "opt_state", "batch", "activations_temp",

@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import time_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -88,19 +89,10 @@ def bench_config(name: str, dtype: str, steps: int) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
-  for _ in range(2):  # warm-up
-    state, m = compiled(state, gbatch, key)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, gbatch, key)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
+  step_s, min_s, m = time_steps(compiled, state, gbatch, key, steps=steps, warmup=2)
   return {"config": name, "dtype": dtype, "params": int(n_params), "trainable_params": int(n_trainable),
           "batch_size": b, "text_len": t, "images_per_row": ti, "image_size": s,
-          "compile_s": compile_s, "step_time_s": step_s, "step_time_min_s": float(np.min(times)),
+          "compile_s": compile_s, "step_time_s": step_s, "step_time_min_s": min_s,
           "tokens_per_s": b * t / step_s, "flops_per_step": flops, "achieved_flops_per_s": flops / step_s}
 
 

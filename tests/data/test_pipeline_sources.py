@@ -75,13 +75,20 @@ def test_resume_mid_epoch_is_exact(laion):
   assert again.counters() == it.counters()
 
 
-def test_mmc4_documents_through_the_pipeline(tmp_path):
+def _mmc4_docs(n):
+  """n MMC4 documents of 3 sentences and 2 base64 noise images (each image distinct), image k
+  matched to sentence k."""
   docs = []
-  for d in range(8):
+  for d in range(n):
     infos = [{"image_name": f"{d}_{k}.png", "matched_text_index": k, "matched_sim": 0.3,
-              "image_base64": base64.b64encode(noise_png(100 * d + k)).decode()} for k in range(2)]
+              "image_base64": base64.b64encode(noise_png(1000 * d + k)).decode()} for k in range(2)]
     docs.append({"text_list": [f"sentence {d} {k}" for k in range(3)], "image_info": infos,
                  "similarity_matrix": [[0.5, 0.1, 0.1], [0.1, 0.5, 0.1]]})
+  return docs
+
+
+def test_mmc4_documents_through_the_pipeline(tmp_path):
+  docs = _mmc4_docs(8)
   shard = tmp_path / "docs_00000.jsonl"
   shard.write_text("\n".join(json.dumps(d) for d in docs) + "\n{not json\n")
   config = {"source": "mmc4", "paths": {"train": [str(shard)]}, "tokenizer": "synthetic",
@@ -135,12 +142,7 @@ def test_joint_flip_flips_all_images_of_a_record_together_and_replays_on_resume(
   """random_flip=0.5: each document's images are all flipped or none is (OpenFlamingo's
   RandomHorizontalFlip on the stacked images), about half the documents flip, and a restored iterator
   draws the same flips."""
-  docs = []
-  for d in range(40):
-    infos = [{"image_name": f"{d}_{k}.png", "matched_text_index": k, "matched_sim": 0.3,
-              "image_base64": base64.b64encode(noise_png(1000 * d + k)).decode()} for k in range(2)]
-    docs.append({"text_list": [f"sentence {d} {k}" for k in range(3)], "image_info": infos,
-                 "similarity_matrix": [[0.5, 0.1, 0.1], [0.1, 0.5, 0.1]]})
+  docs = _mmc4_docs(40)
   shard = tmp_path / "docs.jsonl"
   shard.write_text("\n".join(json.dumps(d) for d in docs))
   base = {"source": "mmc4", "paths": {"train": [str(shard)]}, "tokenizer": "synthetic", "image_size": 16,

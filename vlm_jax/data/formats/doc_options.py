@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
-from vlm_jax.data.formats import config_fields
+from vlm_jax.data.formats import config_fields, image_payloads
+from vlm_jax.data.records import BadRecord
 
 BAD_IMAGE_POLICIES = ("skip", "drop")
 
@@ -38,6 +39,18 @@ class DocumentOptions:
       raise ValueError(f"{r}: on_bad_image={self.on_bad_image!r}; expected {BAD_IMAGE_POLICIES}.")
     if self.seed < 0:
       raise ValueError(f"{r}: seed must be >= 0, got {self.seed}.")
+
+  def usable_image(self, fetch: Callable[[], bytes], what: str,
+                   problems: list) -> bytes | None:
+    """The image's bytes if usable; None after noting its problem in `problems` (the image is left
+    out); raises BadRecord when `on_bad_image="drop"` (size-floor misses are always just left out)."""
+    try:
+      return image_payloads.check_image_bytes(fetch(), self.min_image_bytes, what)
+    except image_payloads.ImageProblem as p:
+      if self.on_bad_image == "drop" and p.reason != "image_too_small":
+        raise BadRecord(p.reason, p.detail) from None
+      problems.append(p)
+      return None
 
   @classmethod
   def from_config(cls, config: Any, reader: str | None = None):

@@ -117,13 +117,9 @@ def _usable_images(infos: Sequence[dict], options: MMC4Options,
   problems: list[image_payloads.ImageProblem] = []
   for i, info in enumerate(infos):
     what = f"{record_id} image {i} ({info.get('image_name', '?')})"
-    try:
-      data = image_payloads.check_image_bytes(
-        image_bytes(info, options.image_dir, what), options.min_image_bytes, what)
-    except image_payloads.ImageProblem as p:
-      if options.on_bad_image == "drop" and p.reason != "image_too_small":
-        raise BadRecord(p.reason, p.detail) from None
-      problems.append(p)
+    data = options.usable_image(
+      lambda: image_bytes(info, options.image_dir, what), what, problems)  # noqa: B023
+    if data is None:
       continue
     rows.append(i)
     payloads.append(data)

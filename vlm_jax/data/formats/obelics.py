@@ -81,13 +81,9 @@ def build_record(texts: Any, images: Any, *, index: int, record_id: str,
       sentences.append(text)
       continue
     what = f"{record_id} images[{k}]"
-    try:
-      data = image_payloads.check_image_bytes(
-        image_bytes(image, options.image_dir, what), options.min_image_bytes, what)
-    except image_payloads.ImageProblem as p:
-      if options.on_bad_image == "drop" and p.reason != "image_too_small":
-        raise BadRecord(p.reason, p.detail) from None
-      problems.append(p)
+    data = options.usable_image(
+      lambda: image_bytes(image, options.image_dir, what), what, problems)  # noqa: B023
+    if data is None:
       continue
     slots.append(len(sentences))  # before the next text
     payloads.append(data)

@@ -1,0 +1,21 @@
+"""Shared by the benchmarks (run as `python benchmarks/<name>.py`, so this directory is on sys.path)."""
+
+import time
+
+import jax
+import numpy as np
+
+
+def time_steps(compiled, state, batch, key, *, steps: int, warmup: int = 1):
+  """Times `steps` calls of a compiled train step after `warmup` calls ->
+  (median seconds, min seconds, last metrics)."""
+  for _ in range(warmup):
+    state, m = compiled(state, batch, key)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, batch, key)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), float(np.min(times)), m
