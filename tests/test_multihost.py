@@ -177,8 +177,9 @@ def _train_two(config: str, workdir: str, steps: int, tmp, leg: str) -> list[str
   port = _free_port()
   procs, logs = [], []
   for i in range(2):
+    # The same data=2 x fsdp=4 mesh, declared as one data row per process (node) over the DCN.
     cmd = [sys.executable, "-m", "vlm_jax.main", f"--config={config}", f"--workdir={workdir}",
-           f"--config.total_steps={steps}"]
+           f"--config.total_steps={steps}", "--config.mesh.data=1", "--config.dcn_mesh.data=2"]
     extra = {}
     if leg == "first":
       cmd += [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
@@ -226,6 +227,9 @@ def test_two_processes_resume_and_match_one_process(runs):
   for leg in (first, second):
     for i, log in enumerate(leg):
       assert f"process {i}/2, 4 local / 8 global cpu devices" in log, log[-3000:]
+      # config.dcn_mesh put one whole process (node) on each data row.
+      assert "mesh data=2 x fsdp=4 x tensor=1 on 8 devices; processes of each data row: " \
+             "[[0], [1]]" in log, log[-3000:]
     assert "[flamingo] step" in leg[0] and "[flamingo] step" not in leg[1]
   assert f"step {STEPS_FIRST}/{STEPS_FIRST}" in first[0]
   assert f"resuming from checkpoint step {STEPS_FIRST}" in second[0]

@@ -31,6 +31,50 @@ def test_mesh_shape_resolution_and_errors():
     sharding.mesh_shape({"data": -1, "tensor": 3}, 8)
 
 
+class _FakeDevice:
+  """Just what the mesh layout reads: an id, a platform, and its process (GPU node) or slice."""
+
+  def __init__(self, i: int, process: int, slice_index: int | None = None):
+    self.id, self.process_index, self.device_kind = i, process, "fake"
+    self.platform = "cpu" if slice_index is None else "tpu"
+    self.slice_index = slice_index or 0
+
+  def __repr__(self):
+    return f"D{self.id}"
+
+
+def test_dcn_mesh_keeps_each_node_inside_its_block():
+  # 4 nodes (processes) x 4 devices; data across nodes (DCN), fsdp x tensor inside a node.
+  devices = [_FakeDevice(i, i // 4) for i in range(16)]
+  arr = sharding.device_array({"data": 1, "fsdp": -1, "tensor": 2}, devices,
+                              {"data": -1, "fsdp": 1, "tensor": 1})
+  assert arr.shape == (4, 2, 2)
+  for d in range(4):  # every data row is exactly one node, so fsdp/tensor traffic stays inside it
+    assert {x.process_index for x in arr[d].ravel()} == {d}
+  # DCN fsdp=2 x data=2: each node is one contiguous (data, fsdp) block of the mesh.
+  arr = sharding.device_array({"data": 1, "fsdp": 2, "tensor": 2}, devices,
+                              {"data": 2, "fsdp": 2, "tensor": 1})
+  assert arr.shape == (2, 4, 2)
+  for d in range(2):
+    for f in range(2):
+      block = arr[d, 2 * f:2 * f + 2].ravel()
+      assert len({x.process_index for x in block}) == 1
+  # TPU multislice: slices (slice_index) are the units, not processes (4 hosts, 2 slices).
+  # (The per-slice layout itself is XLA's create_device_mesh, which needs real TPU coordinates.)
+  tpus = [_FakeDevice(i, i // 4, slice_index=i // 8) for i in range(16)]
+  attr, groups = sharding.granules(tpus)
+  assert attr == "slice_index" and [[d.id for d in g] for g in groups] == [
+    list(range(8)), list(range(8, 16))]
+  # Without a DCN split the old single-pool layout is unchanged.
+  assert sharding.device_array({"data": -1}, devices, {"data": 1}).shape == (16, 1, 1)
+  assert sharding.combined_sizes({"data": 1, "fsdp": -1, "tensor": 2}, {"data": 4}) == {
+    "data": 4, "fsdp": -1, "tensor": 2}
+  with pytest.raises(ValueError, match=r"config.dcn_mesh .* needs 4 processes \(nodes\) but 2 "):
+    sharding.device_array({"data": -1}, devices[:8], {"data": 4})
+  with pytest.raises(ValueError, match="same number of devices"):
+    sharding.device_array({"data": -1}, devices[:10], {"data": -1})
+
+
 def test_every_flamingo_param_has_logical_axis_names():
   config = load_config("flamingo", "tiny")
   model = build_model(config.model_name, config.model)

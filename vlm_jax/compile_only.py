@@ -98,14 +98,19 @@ def resolve_target(name: str | None) -> Target | None:
                    f"like 'v5e:2x4'")
 
 
-def host_device_count(mesh_config, num_devices: int | None, target: Target | None) -> int | None:
-  """Fake CPU devices to compile for: --compile_devices, else a GPU target's count, else the mesh's
-  size when no axis is -1; None = whatever JAX has (no TPU target: those bring their own devices)."""
+def host_device_count(mesh_config, num_devices: int | None, target: Target | None,
+                      dcn_config=None) -> int | None:
+  """Fake CPU devices to compile for: --compile_devices, else a GPU target's count (times the nodes
+  of `dcn_config`), else the mesh's size when no axis is -1; None = whatever JAX has (TPU targets
+  bring their own devices)."""
   if num_devices:
     return int(num_devices)
+  nodes = [int(v) for v in dict(dcn_config or {}).values()]
   if target is not None:
-    return target.num_devices if target.platform == "cpu" else None
-  sizes = [int(v) for v in dict(mesh_config or {}).values()]
+    if target.platform != "cpu":
+      return None
+    return target.num_devices * (math.prod(nodes) if -1 not in nodes else 1)
+  sizes = [int(v) for v in dict(mesh_config or {}).values()] + nodes
   return math.prod(sizes) if sizes and -1 not in sizes else None
 
 
@@ -113,8 +118,8 @@ def setup_host_devices(config, num_devices: int | None = None, target: str | Non
   """Before JAX starts its backends: run on the CPU only (nothing executes on an accelerator in this
   mode), with as many fake host devices as the plan needs (`host_device_count`)."""
   jax.config.update("jax_platforms", "cpu")
-  n = host_device_count(config.mesh if config is not None else None, num_devices,
-                        resolve_target(target))
+  mesh, dcn = (None, None) if config is None else (config.mesh, config.get("dcn_mesh"))
+  n = host_device_count(mesh, num_devices, resolve_target(target), dcn)
   if n:
     try:
       jax.config.update("jax_num_cpu_devices", n)
@@ -126,22 +131,35 @@ def setup_host_devices(config, num_devices: int | None = None, target: str | Non
           f"the environment instead") from e
 
 
-def compile_devices(target: Target | None, num_devices: int | None, mesh_config) -> list:
-  """The devices to compile for: a TPU topology's compile-only devices, or fake CPU devices."""
+def num_slices(dcn_config) -> int:
+  """Slices of a multi-slice TPU plan: the product of `config.dcn_mesh` (no -1 allowed here)."""
+  sizes = [int(v) for v in dict(dcn_config or {}).values()]
+  if -1 in sizes:
+    raise ValueError("compile_only for a TPU target needs explicit config.dcn_mesh sizes (the "
+                     f"number of slices to mock), got {dict(dcn_config)}")
+  return math.prod(sizes) if sizes else 1
+
+
+def compile_devices(target: Target | None, num_devices: int | None, mesh_config,
+                    dcn_config=None) -> list:
+  """The devices to compile for: a TPU topology's compile-only devices (`target`, times the
+  slices of `dcn_config`), or fake CPU devices."""
   if target is not None and target.platform == "tpu":
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
     # Compile-only devices never open a TPU, so libtpu's one-process-per-host lock is not needed
     # (without this a second planner, or a run on a TPU VM, would be refused).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    slices = num_slices(dcn_config)
+    extra = {"num_slices": slices} if slices > 1 else {}
     try:
-      return list(topologies.get_topology_desc(target.topology, "tpu").devices)
+      return list(topologies.get_topology_desc(target.topology, "tpu", **extra).devices)
     except RuntimeError as e:
       raise RuntimeError(f"--target={target.name}: XLA:TPU could not describe topology "
                          f"{target.topology!r}. It needs TPU support installed (pip install "
                          f"'jax[tpu]'), not a TPU. ({e})") from e
   available = jax.devices("cpu")
-  n = host_device_count(mesh_config, num_devices, target) or len(available)
+  n = host_device_count(mesh_config, num_devices, target, dcn_config) or len(available)
   if len(available) < n:
     raise RuntimeError(f"compiling for {n} devices but this process has {len(available)} CPU "
                        f"devices; pass --compile_devices={n} (or set XLA_FLAGS="
@@ -210,7 +228,13 @@ def _key(path) -> str:
 def plan(config, devices: list, *, memory_bytes: float | None = None) -> dict:
   """Lower + compile the train step of `config` for `devices`; -> the report (module docstring)."""
   platform = devices[0].platform  # "tpu" for a topology's compile-only devices
-  mesh = sharding.make_mesh(config.mesh, devices)
+  dcn = config.get("dcn_mesh")
+  if sharding.is_multi_granule(dcn) and platform != "tpu":
+    # Fake CPU devices are one process: fold the across-slice sizes into the axes. Per-device
+    # shapes, and so every figure below, are the same; only which links carry the traffic differs.
+    mesh = sharding.make_mesh(sharding.combined_sizes(config.mesh, dcn), devices)
+  else:
+    mesh = sharding.config_mesh(config, devices)
   rules = sharding.logical_rules(config.get("sharding_rules"))
   data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   batch = abstract_batch(config.data, config.batch_size)
@@ -322,7 +346,7 @@ def run(config, workdir: str, *, num_devices: int | None = None, target: str | N
 
   `setup_host_devices` must have run before JAX started (main.py does it)."""
   tgt = resolve_target(target)
-  devices = compile_devices(tgt, num_devices, config.mesh)
+  devices = compile_devices(tgt, num_devices, config.mesh, config.get("dcn_mesh"))
   memory_gb = device_memory_gb or (tgt.memory_gb if tgt else None)
   report = plan(config, devices, memory_bytes=memory_gb * GB if memory_gb else None)
   report = {"config": config.get("name", ""), "target": tgt.name if tgt else None, **report}

@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50                 # one progress line + TensorBoard scalars every N steps
   c.eval_every = 0                 # periodic evaluation (0 = only at the end)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 = remaining devices
+  # Multi-slice TPU / multi-node GPU: sizes ACROSS slices (nodes); config.mesh then sizes one slice
+  # (node) and each axis is their product. Keep tensor (and usually fsdp) inside a slice.
+  c.dcn_mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = ml_collections.FieldReference(None, field_type=list)   # None = sharding.DEFAULT_RULES
   c.max_replicated_fraction = 0.05  # fail if more param bytes than this are not split over fsdp>1
   c.optimizer = ml_collections.ConfigDict(dict(

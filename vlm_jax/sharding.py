@@ -1,7 +1,15 @@
 """Device mesh and logical-axis sharding.
 
 The mesh has named axes `data`, `fsdp`, `tensor` with sizes from `config.mesh` (-1 = all remaining
-devices; default: every device on `data`). Params and large activations carry logical axis names
+devices; default: every device on `data`).
+
+Multi-slice TPU and multi-node GPU jobs have two networks: fast links inside a slice / node (ICI,
+NVLink) and the slower data-centre network between them (DCN). `config.mesh` then gives the sizes
+inside one slice (or node) and `config.dcn_mesh` the sizes across slices (nodes); each mesh axis is
+their product, laid out so that an axis's DCN part is outermost (MaxText's `dcn_*_parallelism`).
+Put only the axes that communicate least on the DCN, normally `data` (one all-reduce of the grads
+per step) and perhaps `fsdp`, never `tensor`. A slice is a device's `slice_index` (TPU multislice);
+elsewhere a node is one process (GPU clusters: one process per node). Params and large activations carry logical axis names
 (MaxText's vocabulary) and `config.sharding_rules` maps them onto mesh axes. This module imports nothing
 from the rest of vlm_jax.
 """
@@ -57,17 +65,89 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, in
   return sizes
 
 
-def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = mesh_shape(mesh_config, len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  try:
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+def granules(devices: Sequence[Any]) -> tuple[str, list[list[Any]]]:
+  """Devices grouped by slice (TPU multislice: `slice_index`) or else by process (a GPU node),
+  in key order -> (the grouping attribute, groups). CPU and GPU devices report a slice_index too
+  (always 0), so only TPUs group by it."""
+  attr = "slice_index" if devices[0].platform == "tpu" else "process_index"
+  groups: dict[int, list[Any]] = {}
+  for d in devices:
+    groups.setdefault(getattr(d, attr), []).append(d)
+  return attr, [groups[k] for k in sorted(groups)]
 
-    device_array = mesh_utils.create_device_mesh(shape, devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    device_array = np.asarray(devices).reshape(shape)
-  return Mesh(device_array, MESH_AXES)
+
+def is_multi_granule(dcn_config: Mapping[str, int] | None) -> bool:
+  return bool(dcn_config) and any(int(v) != 1 for v in dict(dcn_config).values())
+
+
+def combined_sizes(mesh_config: Mapping[str, int],
+                   dcn_config: Mapping[str, int] | None) -> dict[str, int]:
+  """Per-axis sizes of the whole mesh, mesh[a] * dcn[a] (-1 stays -1: the rest of the devices).
+  For planning on one host, where the slice layout does not change any per-device size."""
+  mesh, dcn = dict(mesh_config), dict(dcn_config or {})
+  out = {}
+  for a in MESH_AXES:
+    m, d = int(mesh.get(a, 1)), int(dcn.get(a, 1))
+    out[a] = -1 if -1 in (m, d) else m * d
+  return out
+
+
+def device_array(mesh_config: Mapping[str, int], devices: Sequence[Any],
+                 dcn_config: Mapping[str, int] | None = None) -> np.ndarray:
+  """Devices arranged as an array of shape (data, fsdp, tensor) for `Mesh`.
+
+  Without `dcn_config` (or with all its sizes 1) every device is one pool sized by `mesh_config`.
+  With it, `mesh_config` sizes one slice / node (-1 = the rest of its devices) and `dcn_config`
+  the grid of slices / nodes (-1 = the rest of them); axis a then has size mesh[a] * dcn[a], and
+  the devices of one slice are contiguous in each axis, so collectives over an ICI-only axis never
+  leave the slice.
+  """
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+
+  if not is_multi_granule(dcn_config):
+    sizes = mesh_shape(mesh_config, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+      return mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      return np.asarray(devices).reshape(shape)
+  attr, groups = granules(devices)
+  kind = "slices" if attr == "slice_index" else "processes (nodes)"
+  if len({len(g) for g in groups}) != 1:
+    raise ValueError(f"config.dcn_mesh needs the same number of devices in each of the "
+                     f"{len(groups)} {kind}, got {[len(g) for g in groups]}")
+  try:
+    dcn = mesh_shape(dcn_config, len(groups))
+  except ValueError as e:
+    msg = str(e).replace("config.mesh", "config.dcn_mesh").replace("devices", kind)
+    raise ValueError(f"{msg} (config.dcn_mesh sizes the grid of {kind}, {len(groups)} here)") \
+      from None
+  ici = mesh_shape(mesh_config, len(groups[0]))
+  return mesh_utils.create_hybrid_device_mesh(
+    [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], list(devices),
+    process_is_granule=attr == "process_index")
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              dcn_config: Mapping[str, int] | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh of `config.mesh` (and `config.dcn_mesh`, see `device_array`)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return Mesh(device_array(mesh_config, devices, dcn_config), MESH_AXES)
+
+
+def config_mesh(config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh a run's config asks for: `config.mesh` (per slice / node) and `config.dcn_mesh`."""
+  return make_mesh(config.mesh, devices, config.get("dcn_mesh"))
+
+
+def describe(mesh: Mesh) -> str:
+  """One log line: the axis sizes and, per `data` row, which processes hold its devices."""
+  rows = [sorted({d.process_index for d in np.asarray(mesh.devices)[i].ravel()})
+          for i in range(mesh.shape["data"])]
+  sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+  if jax.process_count() == 1:
+    return f"mesh {sizes} on {mesh.size} devices"
+  return f"mesh {sizes} on {mesh.size} devices; processes of each data row: {rows}"
 
 
 def logical_rules(rules: Sequence[Sequence[Any]] | None = None) -> tuple[tuple[str, Any], ...]:

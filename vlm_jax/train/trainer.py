@@ -89,7 +89,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
   if is_chief:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.config_mesh(config)
+  logging.info("%s", sharding.describe(mesh))
   rules = sharding.logical_rules(config.get("sharding_rules"))
   model = build_model(*init_lib.model_config(config))
   if config.batch_size % jax.process_count():
