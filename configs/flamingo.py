@@ -62,6 +62,19 @@ XATTN = r"(xattn_\d+|lm/layers/xattn)/"
 FLAMINGO_TRAINABLE = rf"^(resampler/|{XATTN})|^lm/embed/embedding$"
 
 
+# Scale knobs every preset declares, so `--config.model.dtype=bfloat16` or
+# `--config.model.lm.scan_layers=True` work from the command line (a locked config takes no new keys).
+TOWER_SCALE = dict(scan_layers=False, remat_policy="none")  # vlm_jax.layers.scan policies
+
+
+def _with_scale_fields(model: dict) -> dict:
+  """`model` (a Flamingo's kwargs) with dtype and both towers' scan / remat fields declared."""
+  model.setdefault("dtype", "float32")
+  for tower in ("lm", "vision"):
+    model[tower] = {**TOWER_SCALE, **model[tower]}
+  return model
+
+
 def _sizes(preset: str) -> dict:
   if preset == "tiny":
     return dict(image_size=32, patch=8, v_width=32, v_depth=1, v_heads=2, lm_width=32, lm_layers=2,
@@ -88,7 +101,8 @@ def lm_pretrain_config(s: dict) -> ml_collections.ConfigDict:
   c.model_name = "llama"
   c.model = ml_collections.ConfigDict(dict(
     vocab_size=tok.synthetic_vocab_size(), hidden_size=s["lm_width"], num_layers=s["lm_layers"],
-    num_heads=s["lm_heads"], mlp_dim=s["lm_mlp"], rope_theta=10000.0, tie_embeddings=False))
+    num_heads=s["lm_heads"], mlp_dim=s["lm_mlp"], rope_theta=10000.0, tie_embeddings=False,
+    dtype="float32", **TOWER_SCALE))
   c.data = _data(s, "text")
   c.batch_size = s["batch"]
   c.total_steps = s["lm_steps"]
@@ -138,12 +152,12 @@ def openflamingo_config(preset: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.name = preset
   c.model_name = "flamingo"
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(_with_scale_fields(dict(
     lm_family=family, lm=dict(lm), vision=dict(VIT_L14),
     resampler=dict(depth=6, heads=8, dim_head=64, num_latents=64, ff_mult=4, act="gelu"),
     xattn=dict(heads=8, dim_head=64, ff_mult=4, act="gelu"),
     cross_attn_every_n_layers=every, media_token_id=OF_MEDIA_ID, only_attend_immediate_media=True,
-    vision_tokens="pre_ln_post"))
+    vision_tokens="pre_ln_post")))
   # OF-4B froze all LM embeddings, including the new <image> / <|endofchunk|> rows.
   c.trainable = FLAMINGO_TRAINABLE if train_rows else rf"^(resampler/|{XATTN})"
   c.data = openflamingo_data()
@@ -169,9 +183,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.name = "flamingo"
   c.model_name = "flamingo"
   lm_stage = lm_pretrain_config(s)
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(_with_scale_fields(dict(
     lm_family="llama",
-    lm=lm_stage.model.to_dict(),
+    lm={k: v for k, v in lm_stage.model.to_dict().items() if k != "dtype"},  # the Flamingo's dtype
     vision=dict(image_size=s["image_size"], patch_size=s["patch"], width=s["v_width"],
                 depth=s["v_depth"], heads=s["v_heads"], act="quick_gelu"),
     resampler=dict(depth=s["r_depth"], heads=s["x_heads"], dim_head=s["x_dim_head"],
@@ -181,7 +195,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     media_token_id=tok.MEDIA_ID,
     only_attend_immediate_media=True,
     vision_tokens="pre_ln_post",
-  ))
+  )))
   c.trainable = FLAMINGO_TRAINABLE
   c.data = _data(s, "interleaved")
   c.batch_size = s["batch"]

@@ -64,3 +64,31 @@ def test_presets_train_on_openflamingos_data_mixture(tmp_path):
   batch = next(iter(make_dataset({**laion, "image_size": 16}, split="train", batch_size=2,
                                  process_index=0, process_count=1)))
   assert batch["inputs"]["vision_x"].dtype == np.uint8 and batch["inputs"]["input_ids"].shape == (2, 32)
+
+
+@pytest.mark.parametrize("preset", ["default", "of3b"])
+def test_scale_knobs_are_command_line_overridable(preset):
+  """The config flag is locked (no new keys), so every preset declares the dtype / scan / remat
+  fields; overriding them through absl's config flags builds the scaled model."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from tests.train.configs_loader import ROOT
+  argv = ["prog", f"--config={ROOT}/configs/flamingo.py:{preset}", "--config.model.dtype=bfloat16",
+          "--config.model.lm.scan_layers=True", "--config.model.lm.remat_policy=full",
+          "--config.model.vision.scan_layers=True", "--config.model.vision.remat_policy=full"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  c = fv.config
+  model = build_model(c.model_name, c.model)
+  assert model.dtype == "bfloat16" and c.model.lm.scan_layers and c.model.vision.remat_policy == "full"
+  size = c.model.vision["image_size"]
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, size, size, 3)),
+                            jnp.zeros((1, 4), jnp.int32))["params"]
+  flat = flatten(nn.unbox(abstract))
+  layers = c.model.lm["num_layers"]
+  assert flat["lm/layers/attn/q/kernel"].shape[0] == layers  # scanned: a leading layer axis
+  assert flat["lm/layers/xattn/attn_gate"].shape[0] == layers // c.model.cross_attn_every_n_layers
+  assert flat["vision/layers/attn/q/kernel"].shape[0] == c.model.vision["depth"]
