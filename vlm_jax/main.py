@@ -2,6 +2,7 @@
 
   python -m vlm_jax.main --config=configs/flamingo.py --workdir=runs/flamingo
   python -m vlm_jax.main --config=configs/flamingo.py:tiny --config.total_steps=20 --workdir=/tmp/x
+  python -m vlm_jax.main --mode=eval --config=configs/eval_flamingo.py:tiny --workdir=/tmp/x
 
 Running the same command again resumes from the checkpoints in --workdir.
 """
@@ -17,8 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<family>.py[:
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, "
                                "config.json and results.json (default: runs/<config>[_<preset>]).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "compile_only"], "What to run: train, or "
-                          "compile the train step for the mesh and report per-device memory.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compile_only"], "What to run: train; "
+                          "eval (few-shot evaluation of the workdir's latest checkpoint or of "
+                          "config.init.checkpoint, see vlm_jax.eval.fewshot); or compile the train "
+                          "step for the mesh and report per-device memory.")
 _COMPILE_DEVICES = flags.DEFINE_integer("compile_devices", None, "compile_only: fake CPU devices "
                                         "(default: the mesh's size or the --target's)")
 _TARGET = flags.DEFINE_string("target", None, "compile_only: v5e-8, v5p-8, 8xh100, ... or a TPU "
@@ -63,6 +66,13 @@ def main(argv) -> None:
   if _MODE.value == "train":
     results, _ = train_and_evaluate(config, workdir)
     logging.info("results: %s", results)
+  elif _MODE.value == "eval":
+    from vlm_jax.eval import fewshot  # pylint: disable=g-import-not-at-top
+    from vlm_jax.train import restore  # pylint: disable=g-import-not-at-top
+
+    loaded = restore.load_for_eval(config, workdir)
+    fewshot.evaluate_and_write(config, workdir, loaded.model, loaded.params, loaded.mesh,
+                               loaded.rules, step=loaded.step, source=loaded.source)
   elif _MODE.value == "compile_only":
     compile_only.run(config, workdir, num_devices=_COMPILE_DEVICES.value, target=_TARGET.value,
                      device_memory_gb=_DEVICE_MEMORY_GB.value)

@@ -7,6 +7,9 @@
   `zero_params` (regex) zeroes matching params first: with `xattn_\\d+/(attn|ff)_gate` it evaluates the same
   model with every tanh gate forced to 0, i.e. the bare LM, which can only guess.
 - `loss`: mean training loss and token accuracy over held-out batches of `config.data`.
+- `fewshot`: OpenFlamingo's few-shot protocol (`vlm_jax.eval.fewshot`) on the tasks of the evaluator's
+  own fields, over `config.fewshot`, over the synthetic defaults (`tasks`, `shots`, `trial_seeds`,
+  `num_samples`, ...); metrics `eval/fewshot_<task>_<k>shot<suffix>` (mean over seeds).
 
 Evaluators get the training loss function from the caller, so this room does not import the trainer.
 
@@ -153,7 +156,25 @@ class HeldOutLoss:
             f"eval/token_accuracy{self.suffix}": correct / max(count, 1)}
 
 
-EVALUATORS = {"synthetic_vqa": SyntheticVQA, "loss": HeldOutLoss}
+class FewShot:
+  """OpenFlamingo's few-shot evaluation (captioning / VQA by generation, classification by ranked
+  log-likelihood) of the params being trained."""
+
+  def __init__(self, name: str, cfg, config, model, mesh, rules, loss_fn):
+    del loss_fn
+    from vlm_jax.eval import fewshot  # pylint: disable=g-import-not-at-top  (fewshot is heavier)
+
+    self.name = name
+    self.suffix = cfg.get("suffix", "")
+    self.runner = fewshot.runner_from_config(config, model, mesh, rules, overrides=dict(cfg))
+    self._flat = fewshot.flat_metrics
+
+  def run(self, params) -> dict[str, float]:
+    results = self.runner.evaluate(params, log_prefix=f"[eval {self.name}] ")
+    return {f"{k}{self.suffix}": v for k, v in self._flat(results, "eval/fewshot_", "_").items()}
+
+
+EVALUATORS = {"synthetic_vqa": SyntheticVQA, "loss": HeldOutLoss, "fewshot": FewShot}
 
 
 def build_evaluators(config, model, mesh, rules, loss_fn) -> list:

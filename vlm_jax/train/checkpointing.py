@@ -13,11 +13,14 @@ directory must be storage all processes see (gs://, NFS), and a resume needs the
 """
 
 import logging
+import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from vlm_jax.param_paths import flatten, unflatten
 
 
 class Checkpointer:
@@ -57,6 +60,26 @@ class Checkpointer:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
+
+  def restore_params(self, step: int, shardings: dict[str, jax.sharding.Sharding] | None = None
+                     ) -> dict[str, jax.Array]:
+    """Only the params of step's `state` (trainable and frozen, flat `{path: Array}`), each in its
+    stored dtype on `shardings[path]` (default device if absent); the optimizer state is not read.
+    For evaluation, which does not know (or need) the optimizer that trained the params."""
+    # Read through a checkpointer of its own: the manager only knows an item's metadata once a
+    # save or restore has registered its handler.
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+    tree = meta.item_metadata.tree
+    shardings = shardings or {}
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = {part: unflatten({k: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                     sharding=shardings.get(k, default))
+                             for k, m in flatten(tree[part]).items()})
+            for part in ("trainable", "frozen") if tree.get(part)}
+    args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    return {k: v for part in item for k, v in flatten(restored[part]).items()}
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
