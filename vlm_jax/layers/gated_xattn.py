@@ -16,11 +16,14 @@ text token t may attend to the R latents of image m iff text_time[t] == media_ti
 slots beyond the number of <image> tokens have media_time > max(text_time) and are never attended.
 
 For decoding after a cached prompt, `text_time` can be given directly (OpenFlamingo's cached-media mode:
-every new token attends to the last prompt image).
+every new token attends to the last prompt image), and so can the media's keys/values (`MediaKV`, returned
+in aux["media_kv"] by every call): they depend only on the media, so a generation loop computes them once
+per prompt instead of projecting the R * T_img latents again at every new token.
 """
 
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,17 @@ from vlm_jax.layers.mlp import FeedForward
 from vlm_jax.layers.norms import LayerNorm
 
 Dtype = Any
+
+
+@flax.struct.dataclass
+class MediaKV:
+  """The media's cross-attention keys and values of one xattn block.
+
+  k, v: float[B, T_img, R, H, D] (heads H of dim D), a leading [G] axis when stacked per scanned group.
+  """
+
+  k: jax.Array
+  v: jax.Array
 
 
 def media_text_time(media_locations: jax.Array) -> jax.Array:
@@ -49,7 +63,11 @@ def media_attention_mask(
 
 
 class MaskedCrossAttention(nn.Module):
-  """x: float[B, T_txt, D] attends to media float[B, T_img, R, Dv] -> (float[B, T_txt, D], aux)."""
+  """x: float[B, T_txt, D] attends to media float[B, T_img, R, Dv] -> (float[B, T_txt, D], aux).
+
+  With `media_kv` (a previous call's aux["media_kv"]) the media's k/v projections are not recomputed
+  and `media` may be None. aux: {"media_mask": bool[B, T_txt, T_img * R], "media_kv": MediaKV}.
+  """
 
   heads: int = 8
   dim_head: int = 64
@@ -58,16 +76,25 @@ class MaskedCrossAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, media: jax.Array, text_time: jax.Array) -> tuple[jax.Array, dict]:
+  def __call__(self, x: jax.Array, media: jax.Array | None, text_time: jax.Array,
+               media_kv: MediaKV | None = None) -> tuple[jax.Array, dict]:
     b, t_txt, d = x.shape
-    _, t_img, r, dv = media.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     hd = (self.heads, self.dim_head)
     x = LayerNorm(name="norm", **kw)(x)
     q = dense(hd, ("embed", "heads", "kv"), name="q", **kw)(x)
-    media_flat = media.reshape(b, t_img * r, dv).astype(self.dtype)
-    k = dense(hd, ("embed", "heads", "kv"), name="k", **kw)(media_flat)
-    v = dense(hd, ("embed", "heads", "kv"), name="v", **kw)(media_flat)
+    if media_kv is None:
+      if media is None:
+        raise ValueError("MaskedCrossAttention needs media float[B, T_img, R, Dv] or media_kv")
+      _, t_img, r, dv = media.shape
+      media_flat = media.reshape(b, t_img * r, dv).astype(self.dtype)
+      k = dense(hd, ("embed", "heads", "kv"), name="k", **kw)(media_flat)
+      v = dense(hd, ("embed", "heads", "kv"), name="v", **kw)(media_flat)
+      media_kv = MediaKV(k.reshape(b, t_img, r, *hd), v.reshape(b, t_img, r, *hd))
+    else:
+      t_img, r = media_kv.k.shape[1:3]
+      k = media_kv.k.reshape(b, t_img * r, *hd).astype(self.dtype)
+      v = media_kv.v.reshape(b, t_img * r, *hd).astype(self.dtype)
     allowed = media_attention_mask(text_time, t_img, self.only_attend_immediate_media)
     has_media = allowed.any(-1)  # [B, T_txt]; False before the first <image>
     # Rows that may see no image would be all-masked; let them attend anywhere (finite on every
@@ -77,11 +104,12 @@ class MaskedCrossAttention(nn.Module):
     out, _ = dot_product_attention(q, k, v, mask)
     out = jnp.where(has_media[..., None, None], out, jnp.zeros_like(out))
     out = dense(d, ("heads", "kv", "embed"), axis=(-2, -1), name="o", **kw)(out)
-    return out, {"media_mask": allowed & has_media[..., None]}
+    return out, {"media_mask": allowed & has_media[..., None], "media_kv": media_kv}
 
 
 class GatedCrossAttentionBlock(nn.Module):
-  """y: float[B, T_txt, D], media: float[B, T_img, R, Dv], text_time: int[B, T_txt] -> (y', aux)."""
+  """y: float[B, T_txt, D], media: float[B, T_img, R, Dv] (or None with media_kv), text_time:
+  int[B, T_txt], media_kv: optional MediaKV -> (y', aux) with aux as MaskedCrossAttention's."""
 
   heads: int = 8
   dim_head: int = 64
@@ -92,14 +120,15 @@ class GatedCrossAttentionBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, y: jax.Array, media: jax.Array, text_time: jax.Array) -> tuple[jax.Array, dict]:
+  def __call__(self, y: jax.Array, media: jax.Array | None, text_time: jax.Array,
+               media_kv: MediaKV | None = None) -> tuple[jax.Array, dict]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gate_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,))
     attn_gate = self.param("attn_gate", gate_init, (1,), self.param_dtype)
     ff_gate = self.param("ff_gate", gate_init, (1,), self.param_dtype)
     attn_out, aux = MaskedCrossAttention(
       self.heads, self.dim_head, self.only_attend_immediate_media, name="attn", **kw
-    )(y, media, text_time)
+    )(y, media, text_time, media_kv)
     y = y + attn_out * jnp.tanh(attn_gate).astype(self.dtype)
     y = y + FeedForward(self.ff_mult, self.act, name="ff", **kw)(y) * jnp.tanh(ff_gate).astype(self.dtype)
     return y, aux

@@ -31,6 +31,14 @@ the LM's self-attention (`vlm_jax.models.llama`). The xattn needs no mask of its
 sees image cumsum(<image>)[t], its own example's image as long as every packed example starts with
 its `<image>` (the packer checks that). Attending to all earlier images would reach into earlier
 examples, so packing requires `only_attend_immediate_media=True`.
+
+Decoding (`vlm_jax.eval.generate`): `caches` (from `init_caches`) make the LM append this call's
+keys/values, with `attention_mask` covering the whole cache and `positions` the new tokens' position
+ids. Every call returns the xattn blocks' media keys/values in aux["media_kv"]; passed back as
+`media_kv`, they replace `vision_x` (which may then be None): the vision tower, the resampler and the
+xattn k/v projections do not run again. With `text_time` the new tokens attend to the last prompt
+image (OpenFlamingo's cached-media mode). Works unscanned and with `lm.scan_layers` (the caches and
+media keys/values are then stacked per layer / per group).
 """
 
 import functools
@@ -99,6 +107,13 @@ class Model(nn.Module):
       out.append(LayerStack("xattn_{i}", "lm/layers/xattn", tuple(ids)))
     return tuple(out)
 
+  @nn.nowrap
+  def init_caches(self, batch: int, max_len: int, dtype=None):
+    """The LM's empty KV caches for decoding (`llama.Model.init_caches`); dtype defaults to the
+    compute dtype."""
+    lm = model_class(self.lm_family, "model.lm_family")(parent=None, **dict(self.lm or {}))
+    return lm.init_caches(batch, max_len, self.dtype if dtype is None else dtype)
+
   @nn.compact
   def __call__(
     self,
@@ -108,26 +123,31 @@ class Model(nn.Module):
     *,
     text_time: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    caches: Any = None,
+    media_kv: Any = None,
   ) -> tuple[jax.Array, dict]:
-    """vision_x: float[B, T_img, H, W, 3]; input_ids: int32[B, T_txt]; attention_mask: int[B, T_txt].
+    """vision_x: float[B, T_img, H, W, 3] (None with media_kv); input_ids: int32[B, T_txt];
+    attention_mask: int[B, T_txt], or int[B, S_max] over the whole cache with `caches`.
 
     text_time: optional int[B, T_txt] overriding cumsum(<image>) (decoding with cached media).
     segment_ids: optional int32[B, T_txt] of a packed batch (0 = padding, 1..k = example).
+    positions: optional int[B, T_txt] position ids for the LM (default 0.., or after the cache).
+    caches: the LM's KV caches (`init_caches`); updated ones come back in aux["lm"]["caches"].
+    media_kv: aux["media_kv"] of an earlier call on the same images: {"xattn_{i}": MediaKV} or, with
+      lm.scan_layers, one MediaKV stacked [G, ...] per group.
+
+    aux: {"media": float[B, T_img, R, Dv] (None with media_kv), "text_time", "media_kv", "lm"}.
     """
-    if vision_x.ndim != 5:
-      raise ValueError(f"vision_x must be float[B, T_img, H, W, 3], got shape {vision_x.shape}")
+    if media_kv is None and (vision_x is None or vision_x.ndim != 5):
+      raise ValueError(f"vision_x must be float[B, T_img, H, W, 3] (or pass media_kv), got "
+                       f"{None if vision_x is None else vision_x.shape}")
     if segment_ids is not None and not self.only_attend_immediate_media:
       raise ValueError("packed rows (segment_ids) need model.only_attend_immediate_media=True: "
                        "attending to all earlier images would cross into earlier packed examples")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    b, t_img = vision_x.shape[:2]
     lm_cfg = dict(self.lm or {})
-    vision = vit.Model(name="vision", **kw, **dict(self.vision or {}))
-    last, vaux = vision(vision_x.reshape((b * t_img,) + vision_x.shape[2:]))
-    tokens = last if self.vision_tokens == "pre_ln_post" else vaux["post_norm_tokens"]
-    tokens = tokens[:, 1:]  # drop CLS
-    tokens = tokens.reshape(b, t_img, 1, tokens.shape[1], tokens.shape[2])
-    media, _ = PerceiverResampler(name="resampler", **kw, **dict(self.resampler or {}))(tokens)
+    media = None if media_kv is not None else self._media(vision_x, kw)
     if text_time is None:
       text_time = media_text_time(input_ids == self.media_token_id)
     block = functools.partial(
@@ -136,16 +156,35 @@ class Model(nn.Module):
     lm = model_class(self.lm_family, "model.lm_family")(name="lm", **kw, **lm_cfg)
     hooks = {}
     if lm.scan_layers:
-      hooks["layer_group"] = llama.LayerGroup(self.cross_attn_every_n_layers, block,
-                                              (media, text_time))
+      hooks["layer_group"] = llama.LayerGroup(
+        self.cross_attn_every_n_layers, block, (media, text_time),
+        xs=() if media_kv is None else (media_kv,), collect=("media_kv",))
     else:
       blocks = {i: block(name=f"xattn_{i}")
                 for i in xattn_layer_ids(lm.num_layers, self.cross_attn_every_n_layers)}
+      new_kv = {}  # filled while the LM runs its layers, within this one call
 
       def before_layer(i: int, h: jax.Array) -> jax.Array:
         if i not in blocks:
           return h
-        return remat_call(blocks[i], lm.remat_policy, h, media, text_time)[0]
+        name = f"xattn_{i}"
+        h, baux = remat_call(blocks[i], lm.remat_policy, h, media, text_time,
+                             None if media_kv is None else media_kv[name])
+        new_kv[name] = baux["media_kv"]
+        return h
       hooks["before_layer"] = before_layer
-    logits, laux = lm(input_ids, attention_mask, segment_ids=segment_ids, **hooks)
-    return logits, {"media": media, "text_time": text_time, "lm": laux}
+    logits, laux = lm(input_ids, attention_mask, positions, caches, segment_ids=segment_ids,
+                      **hooks)
+    out_kv = laux["group_outputs"]["media_kv"] if lm.scan_layers else new_kv
+    return logits, {"media": media, "text_time": text_time, "media_kv": out_kv, "lm": laux}
+
+  def _media(self, vision_x: jax.Array, kw: dict) -> jax.Array:
+    """vision_x float[B, T_img, H, W, 3] -> resampled latents float[B, T_img, R, Dv]."""
+    b, t_img = vision_x.shape[:2]
+    vision = vit.Model(name="vision", **kw, **dict(self.vision or {}))
+    last, vaux = vision(vision_x.reshape((b * t_img,) + vision_x.shape[2:]))
+    tokens = last if self.vision_tokens == "pre_ln_post" else vaux["post_norm_tokens"]
+    tokens = tokens[:, 1:]  # drop CLS
+    tokens = tokens.reshape(b, t_img, 1, tokens.shape[1], tokens.shape[2])
+    media, _ = PerceiverResampler(name="resampler", **kw, **dict(self.resampler or {}))(tokens)
+    return media

@@ -23,7 +23,7 @@ rematerialises each layer. Scanned, the per-layer `before_layer` hook cannot run
 traced once); Flamingo passes a `LayerGroup` instead: the scan then runs over groups of `size`
 layers with the group's block before its last layer, which is OpenFlamingo's placement when
 size = cross_attn_every_n_layers. Scanned KV caches are one `KVCache` with a leading layer axis
-(`init_caches` builds it).
+(`init_caches` builds it); grouped, each group takes its `size` rows of it.
 
 Packed rows (`vlm_jax.data.packing`): `segment_ids` int[B, T] (0 = padding) makes self-attention
 block-diagonal causal and restarts the default positions at 0 in each segment, so every packed
@@ -81,19 +81,27 @@ class DecoderLayer(nn.Module):
 class LayerGroup:
   """A block run before the last decoder layer of every group of `size` layers (scanned models).
 
-  block: makes the block module, `block(name=...)`; it is called as `block(h, *args) -> (h, aux)`.
-  Its params are stacked one row per group under `layers/<name>` (default "xattn").
+  block: makes the block module, `block(name=...)`; it is called as
+  `block(h, *args, *xs_g) -> (h, aux)`, where `args` are the same for every group and `xs_g` is row g
+  of each array (pytree) in `xs`, whose leading axis is the group [G, ...] (Flamingo's cached media
+  keys/values). `collect` names entries of the block's aux to return stacked [G, ...] in the LM's
+  aux["group_outputs"]. Its params are stacked one row per group under `layers/<name>`
+  (default "xattn").
   """
 
   size: int
   block: Callable[..., nn.Module]
   args: tuple = ()
   name: str = "xattn"
+  xs: tuple = ()
+  collect: tuple[str, ...] = ()
 
 
 class _Group(nn.Module):
   """One scan step of a grouped stack: `size` decoder layers `layers_{j}` with `block` before the
-  last one.  x: float[B, T, D] -> (x, probs float32[size, B, N, T, S] or None)."""
+  last one.  x: float[B, T, D], caches: this group's KVCache rows (leaves [size, ...]) or None,
+  block_xs: this group's rows of `LayerGroup.xs` -> (x, (probs float32[size, B, N, T, S] or None,
+  new caches or None, {name: the block's aux[name]} for the names in `collect`))."""
 
   layer: Callable[..., nn.Module]
   block: Callable[..., nn.Module]
@@ -101,19 +109,24 @@ class _Group(nn.Module):
   size: int
   remat_policy: str
   return_probs: bool
+  collect: tuple[str, ...] = ()
 
   @nn.compact
-  def __call__(self, x, mask, window_mask, positions, block_args, windowed):
-    probs = []
+  def __call__(self, x, mask, window_mask, positions, block_args, windowed, caches, block_xs):
+    probs, new_caches, collected = [], [], {}
     for j in range(self.size):
       if j == self.size - 1:
-        x, _ = remat_call(self.block(name=self.block_name), self.remat_policy, x, *block_args,
-                          scanned=True)
+        x, baux = remat_call(self.block(name=self.block_name), self.remat_policy, x, *block_args,
+                             *block_xs, scanned=True)
+        collected = {k: baux[k] for k in self.collect}
+      cache = None if caches is None else jax.tree.map(lambda a, j=j: a[j], caches)
       x, aux = remat_call(self.layer(name=f"layers_{j}"), self.remat_policy, x,
-                          _layer_mask(mask, window_mask, windowed[j]), positions, None,
+                          _layer_mask(mask, window_mask, windowed[j]), positions, cache,
                           scanned=True, return_probs=self.return_probs)
       probs.append(aux["probs"])
-    return x, (jnp.stack(probs) if self.return_probs else None)
+      new_caches.append(aux["cache"])
+    stacked = None if caches is None else jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
+    return x, (jnp.stack(probs) if self.return_probs else None, stacked, collected)
 
 
 def _layer_mask(mask, window_mask, windowed):
@@ -241,6 +254,7 @@ class Model(nn.Module):
   ) -> tuple[jax.Array, dict]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t = input_ids.shape
+    group_outputs = None
     if segment_ids is not None and caches is not None:
       raise ValueError("segment_ids (packed training rows) cannot be combined with KV caches")
     self._check_scan_args(caches, before_layer, layer_group)
@@ -282,16 +296,15 @@ class Model(nn.Module):
       x, new_caches, probs = self._scan(layer, x, mask, window_mask, positions, caches,
                                         return_probs)
     else:
-      x, probs = self._scan_groups(layer, layer_group, x, mask, window_mask, positions,
-                                   return_probs)
-      new_caches = None
+      x, probs, new_caches, group_outputs = self._scan_groups(
+        layer, layer_group, x, mask, window_mask, positions, caches, return_probs)
     x = self.final_norm(kw)(x)
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
       logits = dense(self.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
     aux = {"hidden": x, "caches": None if caches is None else new_caches,
-           "attention_probs": probs if return_probs else None}
+           "attention_probs": probs if return_probs else None, "group_outputs": group_outputs}
     return logits.astype(jnp.float32), aux
 
   def _check_scan_args(self, caches, before_layer, layer_group) -> None:
@@ -304,9 +317,6 @@ class Model(nn.Module):
                          "(k: [L, B, S, K, D]) that init_caches builds for a scanned model, not a "
                          "list per layer")
       if layer_group is not None:
-        if caches is not None:
-          raise ValueError("lm.scan_layers with a LayerGroup (Flamingo) does not decode with KV "
-                           "caches")
         if layer_group.size < 1 or self.num_layers % layer_group.size:
           raise ValueError(f"lm.scan_layers: num_layers ({self.num_layers}) must be a multiple of "
                            f"the layer group size ({layer_group.size}) to scan over groups")
@@ -341,13 +351,17 @@ class Model(nn.Module):
                                          broadcast=(mask, window_mask, positions))
     return x, new_caches, list(probs) if return_probs else []
 
-  def _scan_groups(self, layer, group: LayerGroup, x, mask, window_mask, positions, return_probs):
+  def _scan_groups(self, layer, group: LayerGroup, x, mask, window_mask, positions, caches,
+                   return_probs):
     n = group.size
     num_groups = self.num_layers // n
     flags = self._window_flags(window_mask)
     flags = jnp.broadcast_to(jnp.asarray(flags), (self.num_layers,)).reshape(num_groups, n)
+    # The stacked caches [L, ...] as [G, size, ...]: layer l = g * size + j, as the params.
+    grouped = None if caches is None else jax.tree.map(
+      lambda a: a.reshape(num_groups, n, *a.shape[1:]), caches)
     scanned = nn.scan(_Group, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 4 + (0,), length=num_groups,
+                      in_axes=(nn.broadcast,) * 4 + (0, 0, 0), length=num_groups,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     # Stored as the plain scanned LM's `layers/...` [L, ...] plus `layers/<block>/...` [G, ...],
     # so a scanned LM's params drop into a scanned Flamingo (and per-layer ones stack the same way).
@@ -356,10 +370,13 @@ class Model(nn.Module):
       lambda v: {c: _group_params_in(p, n, group.name) for c, p in v.items()},
       lambda v: {c: _group_params_out(p, n, group.name) for c, p in v.items()},
       init=self.is_initializing())
-    x, probs = stacked(layer, group.block, group.name, n, self.remat_policy, return_probs,
-                       name="layers")(x, mask, window_mask, positions, group.args, flags)
+    x, (probs, new_caches, collected) = stacked(
+      layer, group.block, group.name, n, self.remat_policy, return_probs, tuple(group.collect),
+      name="layers")(x, mask, window_mask, positions, group.args, flags, grouped, tuple(group.xs))
     probs = list(probs.reshape(self.num_layers, *probs.shape[2:])) if return_probs else []
-    return x, probs
+    if new_caches is not None:
+      new_caches = jax.tree.map(lambda a: a.reshape(self.num_layers, *a.shape[2:]), new_caches)
+    return x, probs, new_caches, collected
 
   # The two places where decoder families differ; subclasses (vlm_jax.models.gpt_neox) override them.
   @nn.nowrap

@@ -23,6 +23,10 @@ checkpoints have them), but their outputs are unused, so XLA drops that compute 
 with `vision.scan_layers`: a scan runs every layer).
 `lm.scan_layers` / `vision.scan_layers` and `*.remat_policy` are the towers' own options;
 `layer_stacks()` lists the scanned stacks for the converters.
+
+Decoding (`vlm_jax.eval.generate`): with `caches` (from `init_caches`) the LM appends this call's
+keys/values and `attention_mask` covers the whole cache; the images go in with the prompt only (the
+prefill), the new tokens come with `images=None`, so the vision tower and projector run once.
 """
 
 from typing import Any, Sequence
@@ -103,6 +107,13 @@ class Model(nn.Module):
     return tuple([s.prefixed("vision/") for s in vision.layer_stacks()]
                  + [s.prefixed("lm/") for s in lm.layer_stacks()])
 
+  @nn.nowrap
+  def init_caches(self, batch: int, max_len: int, dtype=None):
+    """The LM's empty KV caches for decoding (`llama.Model.init_caches`); dtype defaults to the
+    compute dtype."""
+    lm = model_class(self.lm_family, "model.lm_family")(parent=None, **dict(self.lm or {}))
+    return lm.init_caches(batch, max_len, self.dtype if dtype is None else dtype)
+
   def _select(self, hidden_states: Sequence[jax.Array]) -> jax.Array:
     """ViT hidden states -> float[N, P, Dv'] (HF `get_image_features`, original `feature_select`);
     Dv' = Dv times the number of layers selected."""
@@ -119,10 +130,15 @@ class Model(nn.Module):
     images: jax.Array | None,
     input_ids: jax.Array,
     attention_mask: jax.Array | None = None,
+    *,
+    positions: jax.Array | None = None,
+    caches: Any = None,
   ) -> tuple[jax.Array, dict]:
     """images: float[N, H, W, 3] (NHWC, CLIP-normalised; the batch's images in reading order) or
     None for a text-only batch; input_ids: int32[B, T] holding N * P image tokens;
-    attention_mask: int[B, T].
+    attention_mask: int[B, T], or int[B, S_max] over the whole cache with `caches`.
+    positions: optional int[B, T] LM position ids; caches: the LM's KV caches (`init_caches`),
+    updated ones in aux["lm"]["caches"].
 
     aux: {"image_features": float[N, P, D] (projected), "lm": the LM's aux}.
     """
@@ -160,5 +176,5 @@ class Model(nn.Module):
     # Image-token ids may lie outside the vocabulary (-200 in the original code); their rows are
     # overwritten by the hook, so look them up as 0.
     text_ids = jnp.where(is_image, 0, input_ids)
-    logits, laux = lm(text_ids, attention_mask, embed_hook=hook)
+    logits, laux = lm(text_ids, attention_mask, positions, caches, embed_hook=hook)
     return logits, {"image_features": feats, "lm": laux}
