@@ -101,9 +101,9 @@ SCRIPT = textwrap.dedent("""
   from vlm_jax.train.losses import get_loss
   from vlm_jax.train.step import make_train_step
   from vlm_jax.train.trainer import build_state
-  out = {}
-  for mesh_cfg in [{"data": 1}, {"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2},
-                   {"data": 1, "fsdp": 4, "tensor": 2}]:
+  out, ref = {}, None
+  for mesh_cfg in [{"data": 1}, {"data": 8}, {"data": 2, "fsdp": 4, "tensor": 1},
+                   {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 4, "tensor": 2}]:
     c = load_config("flamingo", "tiny"); c.init.stage = None
     c.model.lm.num_heads = 2; c.model.lm.num_kv_heads = 2
     devices = jax.devices()[: int(np.prod(list(mesh_cfg.values())))]
@@ -121,8 +121,11 @@ SCRIPT = textwrap.dedent("""
         state, m = step(state, sharding.global_batch(batch, mesh), jax.random.PRNGKey(1))
         losses.append(float(m["loss"]))
     gate = float(state.trainable["xattn_0"]["attn_gate"][0])
+    params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    ref = params if ref is None else ref
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(params, ref))
     q = state.trainable["xattn_0"]["attn"]["q"]["kernel"]
-    out[json.dumps(mesh_cfg)] = {"losses": losses, "gate": gate,
+    out[json.dumps(mesh_cfg)] = {"losses": losses, "gate": gate, "params_max_abs_diff": diff,
                                  "q_shards": len(q.addressable_shards),
                                  "q_shard_shape": list(q.addressable_shards[0].data.shape)}
   print("RESULT" + json.dumps(out))
@@ -142,6 +145,8 @@ def test_sharded_steps_match_single_device():
     for a, b in zip(r["losses"], ref["losses"]):
       assert abs(a - b) < 1e-5, (name, r["losses"], ref["losses"])
     assert abs(r["gate"] - ref["gate"]) < 1e-6, name
+    # Every param (trained and frozen) after two steps, within float32 reduction-order noise.
+    assert r["params_max_abs_diff"] < 1e-5, (name, r["params_max_abs_diff"])
   # Under (1, 4, 2) the q kernel [embed=32, heads=2, kv=16] is split 4-way on embed (fsdp) and 2-way on
   # heads (tensor).
   assert res['{"data": 1, "fsdp": 4, "tensor": 2}']["q_shard_shape"] == [8, 1, 16]
