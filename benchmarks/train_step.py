@@ -2,6 +2,7 @@
 
   python benchmarks/train_step.py                      # tiny + mid (~100M params) on this machine
   python benchmarks/train_step.py --configs=mid --dtype=bfloat16 --peak_tflops=989   # e.g. on an H200
+  python benchmarks/train_step.py --configs=of3b --dtype=bfloat16 --batch=16 --peak_tflops=989  # MFU
 
 FLOPs come from XLA's cost analysis of the compiled step, so frozen towers count forward only (their
 backward is never computed). On CPU the reference peak is this machine's measured dense matmul rate
@@ -51,8 +52,31 @@ def matmul_peak_flops(dtype, n: int = 2048, reps: int = 10) -> float:
   return 2 * n**3 / best
 
 
-def bench_config(name: str, dtype: str, steps: int) -> dict:
-  config = load_config(os.path.join(ROOT, "configs", "flamingo.py"), "tiny" if name == "tiny" else None)
+def openflamingo_config(name: str, batch: int, remat: str, shrink: bool):
+  """An OpenFlamingo preset as one MMC4 batch (6 images, 256 tokens): frozen towers in the compute
+  dtype, trainable params and Adam in float32, scanned towers with `remat` rematerialisation.
+  `shrink` keeps the widths but cuts every stack to 2 layers (a CPU smoke test of the same code)."""
+  config = load_config(os.path.join(ROOT, "configs", "flamingo.py"), name)
+  config.model.lm.update(scan_layers=True, remat_policy=remat)
+  config.model.vision.update(scan_layers=True, remat_policy=remat)
+  if shrink:
+    config.model.lm.num_layers = 2 * config.model.cross_attn_every_n_layers
+    config.model.vision.depth, config.model.resampler.depth = 2, 1
+  mmc4 = config.data.mixture.mmc4
+  config.data = load_config(os.path.join(ROOT, "configs", "flamingo.py"), "tiny").data
+  config.data.update(image_size=mmc4.image_size, max_images=mmc4.max_images,
+                     max_text_len=mmc4.max_text_len)
+  config.batch_size = batch
+  return config
+
+
+def bench_config(name: str, dtype: str, steps: int, batch: int = 0, remat: str = "full",
+                 shrink: bool = False) -> dict:
+  if name.startswith("of"):
+    config = openflamingo_config(name, batch or 4, remat, shrink)
+  else:
+    config = load_config(os.path.join(ROOT, "configs", "flamingo.py"),
+                         "tiny" if name == "tiny" else None)
   config.init.stage = None
   if name == "mid":
     config.model.lm.update(MID["lm"])
@@ -69,8 +93,9 @@ def bench_config(name: str, dtype: str, steps: int) -> dict:
   model = build_model(config.model_name, config.model)
   b, t, ti, s = config.batch_size, config.data.max_text_len, config.data.max_images, config.data.image_size
   rng = np.random.default_rng(0)
+  media_id = config.model.media_token_id
   ids = rng.integers(5, min(config.model.lm.vocab_size, tok.synthetic_vocab_size()), (b, t)).astype(np.int32)
-  ids[:, [0, t // 3, 2 * t // 3]] = tok.MEDIA_ID  # three images per row
+  ids[:, np.linspace(0, t, ti, endpoint=False).astype(int)] = media_id  # every image slot used
   batch = {"inputs": {"vision_x": rng.normal(size=(b, ti, s, s, 3)).astype(np.float32),
                       "input_ids": ids, "attention_mask": np.ones((b, t), np.int32)},
            "labels": ids}
@@ -90,7 +115,21 @@ def bench_config(name: str, dtype: str, steps: int) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
   step_s, min_s, m = time_steps(compiled, state, gbatch, key, steps=steps, warmup=2)
-  return {"config": name, "dtype": dtype, "params": int(n_params), "trainable_params": int(n_trainable),
+  if name.startswith("of") and remat != "none":
+    # Model FLOPs exclude rematerialisation (MaxText's MFU convention): count them on the same step
+    # compiled without remat, which is never run.
+    plain = build_model(config.model_name, {**config.model.to_dict(), "lm": {
+      **config.model.lm.to_dict(), "remat_policy": "none"}, "vision": {
+      **config.model.vision.to_dict(), "remat_policy": "none"}})
+    cost = jax.jit(make_train_step(plain, tx, get_loss(config.loss))).lower(
+      abstract, gbatch, key).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    executed_flops, flops = flops, float(cost.get("flops", 0.0))
+  else:
+    executed_flops = flops
+  return {"config": name + ("_shrunk" if shrink else ""), "dtype": dtype, "remat": remat,
+          "executed_flops_per_step": executed_flops,
+          "params": int(n_params), "trainable_params": int(n_trainable),
           "batch_size": b, "text_len": t, "images_per_row": ti, "image_size": s,
           "compile_s": compile_s, "step_time_s": step_s, "step_time_min_s": min_s,
           "tokens_per_s": b * t / step_s, "flops_per_step": flops, "achieved_flops_per_s": flops / step_s}
@@ -98,7 +137,12 @@ def bench_config(name: str, dtype: str, steps: int) -> dict:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--configs", default="tiny,mid")
+  p.add_argument("--configs", default="tiny,mid",
+                 help="tiny, mid, or an OpenFlamingo preset (of3b, of4b, of9b) as one MMC4 batch")
+  p.add_argument("--batch", type=int, default=0, help="OpenFlamingo presets: global batch (default 4)")
+  p.add_argument("--remat", default="full", help="OpenFlamingo presets: towers' remat_policy")
+  p.add_argument("--shrink", action="store_true",
+                 help="OpenFlamingo presets: 2 layers per stack at full width (CPU smoke test)")
   p.add_argument("--dtype", default="float32")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--peak_tflops", type=float, default=0.0,
@@ -110,7 +154,7 @@ def main() -> None:
   peak = args.peak_tflops * 1e12 if args.peak_tflops else measured
   rows = []
   for name in args.configs.split(","):
-    r = bench_config(name, args.dtype, args.steps)
+    r = bench_config(name, args.dtype, args.steps, args.batch, args.remat, args.shrink)
     r["mfu"] = r["achieved_flops_per_s"] / peak
     r["fraction_of_measured_matmul"] = r["achieved_flops_per_s"] / measured
     rows.append(r)
