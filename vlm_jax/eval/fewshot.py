@@ -286,6 +286,9 @@ class Runner:
       if task.metric == "roc_auc":  # p("yes") among the two classes (OpenFlamingo's pred_score)
         yes = task.class_names.index("yes")
         p = np.exp(logprobs - np.logaddexp.reduce(logprobs, axis=-1, keepdims=True))[:, yes]
+        if len(set(labels)) < 2:  # e.g. a few num_samples: AUC is undefined, the other trials stand
+          logging.warning("fewshot: %s trial has one class only; ROC AUC is NaN", task.name)
+          return float("nan")
         return float(metrics.roc_auc(labels, [float(x) for x in p]))
       return float(metrics.top1_accuracy([int(x) for x in logprobs.argmax(-1)], labels))
     if task.postprocess == "caption":

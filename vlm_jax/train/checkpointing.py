@@ -13,7 +13,6 @@ directory must be storage all processes see (gs://, NFS), and a resume needs the
 """
 
 import logging
-import os
 from typing import Any
 
 import grain
@@ -66,10 +65,13 @@ class Checkpointer:
     """Only the params of step's `state` (trainable and frozen, flat `{path: Array}`), each in its
     stored dtype on `shardings[path]` (default device if absent); the optimizer state is not read.
     For evaluation, which does not know (or need) the optimizer that trained the params."""
-    # Read through a checkpointer of its own: the manager only knows an item's metadata once a
-    # save or restore has registered its handler.
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
-    tree = meta.item_metadata.tree
+    # A read-only manager of the `state` item alone (data_iter is not ours to read here), with a
+    # handler that restores a subtree.
+    reader = ocp.CheckpointManager(self.directory, item_names=("state",),
+                                   item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                   options=ocp.CheckpointManagerOptions(read_only=True))
+    meta = reader.item_metadata(step)["state"]
+    tree = getattr(meta, "tree", meta)
     shardings = shardings or {}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     item = {part: unflatten({k: jax.ShapeDtypeStruct(m.shape, m.dtype,
@@ -78,7 +80,8 @@ class Checkpointer:
             for part in ("trainable", "frozen") if tree.get(part)}
     args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item))
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    restored = reader.restore(step, args=ocp.args.Composite(state=args))["state"]
+    reader.close()
     return {k: v for part in item for k, v in flatten(restored[part]).items()}
 
   def wait(self) -> None:

@@ -128,9 +128,10 @@ def load_for_eval(config, workdir: str | None = None, checkpoint: str | None = N
   elif init.get("checkpoint"):
     converted_dir = init["checkpoint"]
   else:
-    raise FileNotFoundError(f"nothing to evaluate: {workdir}/checkpoints holds no checkpoint and "
-                            "config.init.checkpoint is unset; train first (--mode=train with the same "
-                            "--workdir) or point config.init.checkpoint at a converted model")
+    where = f"{workdir}/checkpoints holds no checkpoint" if workdir else "no checkpoint was given"
+    raise FileNotFoundError(f"nothing to evaluate: {where} and config.init.checkpoint is unset; "
+                            "train first (--mode=train with the same --workdir), or pass a "
+                            "converted model (config.init.checkpoint / --checkpoint)")
   if converted_dir and not config.model_name:
     stored = converted.read_model_config(converted_dir)
     name, kwargs = stored["model_name"], stored["model"]
