@@ -20,6 +20,7 @@ class UncachedShim(transformers.PreTrainedModel, transformers.GenerationMixin):
     super().__init__(transformers.PretrainedConfig(vocab_size=vocab_size))
     self.fn = fn
     self.unused = torch.nn.Parameter(torch.zeros(1))  # generate() reads the device off a param
+    self.generation_config.use_cache = False
 
   def forward(self, input_ids=None, attention_mask=None, **_):
     logits = self.fn(input_ids.numpy(), attention_mask.numpy())

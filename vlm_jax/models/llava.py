@@ -174,7 +174,8 @@ class Model(nn.Module):
         return scatter_image_features(x, is_image, feats.reshape(-1, feats.shape[-1]))
 
     # Image-token ids may lie outside the vocabulary (-200 in the original code); their rows are
-    # overwritten by the hook, so look them up as 0.
-    text_ids = jnp.where(is_image, 0, input_ids)
+    # overwritten by the hook, so look them up as 0. Without images (a decoding step) an image-token
+    # id is an ordinary generated token and keeps its own embedding row, as in HF.
+    text_ids = input_ids if images is None else jnp.where(is_image, 0, input_ids)
     logits, laux = lm(text_ids, attention_mask, positions, caches, embed_hook=hook)
     return logits, {"image_features": feats, "lm": laux}
