@@ -151,8 +151,10 @@ def test_imagenet_style_readers(tmp_path):
 def test_synthetic_tasks_and_unknown_dataset():
   cap = tasks.build_task("c", {"dataset": "synthetic_caption", "num_train": 4, "num_test": 2}, 32)
   rec = cap.test[0]
-  assert rec["image"].shape == (32, 32, 3) and rec["answer"] in rec["references"]
-  assert len(rec["references"]) == 4  # every caption template with this image's attributes
+  assert rec["image"].shape == (32, 32, 3) and rec["references"] == [rec["answer"]]
+  assert rec["answer"].startswith(("a small ", "a large ")) and rec["answer"].endswith(".")
+  assert tasks.synthetic_description("There is a large red cross on the left.") == (
+    "a large red cross on the left.")
   vqa = tasks.build_task("v", {"dataset": "synthetic_vqa", "num_train": 4, "num_test": 2}, 32)
   assert vqa.test[0]["question"] in ("What colour is the shape?", "What shape is it?")
   cls = tasks.build_task("s", {"dataset": "synthetic_classification", "num_train": 4,

@@ -269,7 +269,7 @@ class Runner:
       self.model, params, input_ids, mask, max_new_tokens=task.max_new_tokens,
       num_beams=int(self.cfg["num_beams"]), length_penalty=float(self.cfg["length_penalty"]),
       min_new_tokens=0, stop_token_ids=(self.ids["endofchunk"],), pad_token_id=self.ids["pad"],
-      mesh=self.mesh, vision_x=vision_x)
+      mesh=self.mesh, rules=self.rules, vision_x=vision_x)
     out = np.asarray(jax.device_get(out))[:len(texts)]
     return [self.tokenizer.decode([int(t) for t in row], skip_special_tokens=True) for row in out]
 

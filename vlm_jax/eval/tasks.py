@@ -325,29 +325,34 @@ def read_hateful_memes(path: str, image_dir: str, *, field: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # The synthetic corpus.
 
-SYNTHETIC_CAPTION_TEMPLATE = "<image>{answer}"
+# The corpus's captions start with one of four phrases, and after a bare <image> its documents more
+# often ask a question than describe; the task fixes the phrase so that the answer, and the
+# reference, is the description itself ("a large red circle on the left.").
+SYNTHETIC_CAPTION_TEMPLATE = "<image>This image shows {answer}"
 SYNTHETIC_VQA_TEMPLATE = "<image>Question: {question} Answer: {answer}"
 SYNTHETIC_CLASSIFICATION_TEMPLATE = f"<image>Question: {synthetic.SHAPE_QUESTION} Answer: {{answer}}"
 _QUESTION = re.compile(r"Question: (.*?) Answer:")
 
 
 def _caption_regex(template: str) -> re.Pattern:
+  words = {"size": synthetic.SIZES, "colour": synthetic.COLOURS, "shape": synthetic.SHAPES,
+           "where": tuple(synthetic.POSITION_PHRASES.values())}
   parts = re.split(r"\{(\w+)\}", template)
-  pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts))
+  pattern = "".join(re.escape(p) if i % 2 == 0 else
+                    f"(?P<{p}>{'|'.join(map(re.escape, words[p]))})" for i, p in enumerate(parts))
   return re.compile(f"^{pattern}$")
 
 
 _CAPTION_REGEXES = [_caption_regex(t) for t in synthetic.CAPTION_TEMPLATES]
-_PHRASE_TO_POSITION = {v: k for k, v in synthetic.POSITION_PHRASES.items()}
 
 
-def synthetic_caption_references(caption: str) -> list[str]:
-  """Every corpus caption template filled with this caption's attributes (its CIDEr references)."""
+def synthetic_description(caption: str) -> str:
+  """A corpus caption -> its description "a {size} {colour} {shape} {where}." (what follows "This
+  image shows")."""
   for regex in _CAPTION_REGEXES:
     m = regex.match(caption)
     if m:
-      attrs = m.groupdict()
-      return [t.format(**attrs) for t in synthetic.CAPTION_TEMPLATES]
+      return "a {size} {colour} {shape} {where}.".format(**m.groupdict())
   raise ValueError(f"synthetic caption {caption!r} matches no template of vlm_jax.data.synthetic")
 
 
@@ -366,8 +371,8 @@ def _synthetic_records(kind: str, split: str, n: int, image_size: int, seed: int
     rec = source[i]
     out = {"id": f"{split}/{i}", "image": rec["images"][0]}
     if kind == "caption":
-      caption = _strip_markup(rec["text"])
-      out.update(answer=caption, references=synthetic_caption_references(caption))
+      description = synthetic_description(_strip_markup(rec["text"]))
+      out.update(answer=description, references=[description])
     elif kind == "vqa":
       # Ten identical GT answers, the shape of a VQAv2 annotation: a match scores 1.
       out.update(question=_QUESTION.search(rec["prompt"]).group(1), answer=rec["answer"],
