@@ -4,16 +4,16 @@
     -> int32[B, N]: the generated ids only; after a row's stop token (kept, as HF keeps its eos) the
        row is filled with pad_token_id
 
-Static shapes throughout: the left-padded prompt is prefilled into preallocated KV caches of length
-T + N - 1 (the last new token is never fed back), then a `jax.lax.while_loop` feeds one token per step
-and stops as soon as every row has stopped (beam search: as soon as no beam can improve), never later
-than N tokens. Position ids of left-padded rows are cumsum(mask) - 1, as HF's `generate` makes them;
-the attention mask covers the whole cache (prompt mask, then ones: causality hides what is not written
-yet). The whole loop is one `jax.jit` keyed on (model config, decoding options, input shapes, mesh,
-rules), so repeated calls with the same shapes do not retrace.
+Static shapes throughout: the left-padded prompt is prefilled into preallocated KV caches of
+length T + N - 1 (the last new token is never fed back), then a `jax.lax.while_loop` feeds one
+token per step and stops as soon as every row has stopped (beam search: as soon as no beam can
+improve), never later than N tokens. Position ids of left-padded rows are cumsum(mask) - 1, as HF's
+`generate` makes them; the attention mask covers the whole cache (prompt mask, then ones: causality
+hides what is not written yet). The whole loop is one `jax.jit` keyed on (model config, decoding
+options, input shapes, mesh, rules), so repeated calls with the same shapes do not retrace.
 
-Semantics follow the installed transformers' `GenerationMixin.generate` (5.x; the tests compare token
-for token):
+Semantics follow the installed transformers' `GenerationMixin.generate` (5.x; the tests compare
+token for token):
 - Logits processors in HF's order: `min_new_tokens` first (the stop tokens get -inf while fewer than
   `min_new_tokens` tokens were generated), then, only when sampling, the warpers temperature, top-k,
   top-p (`TopKLogitsWarper` keeps every token scoring at least the k-th; `TopPLogitsWarper` removes
@@ -106,7 +106,7 @@ class _ModelKey:
     return isinstance(other, _ModelKey) and self._key == other._key
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Model adapters: prefill the prompt into the caches, then decode one token per call.
 
 
@@ -190,11 +190,11 @@ def _adapter(model: nn.Module) -> _LM:
   if isinstance(model, llama.Model):
     return _LM(model)
   raise TypeError(f"generate: no decoding support for {type(model).__module__}."
-                  f"{type(model).__name__}; expected an LM of vlm_jax.models (llama, gpt_neox, mpt), "
-                  "flamingo.Model or llava.Model")
+                  f"{type(model).__name__}; expected an LM of vlm_jax.models (llama, gpt_neox, "
+                  "mpt), flamingo.Model or llava.Model")
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Logits processors (HF order and semantics).
 
 
@@ -251,12 +251,13 @@ def _min_new_tokens(scores: jax.Array, i: jax.Array, opts: DecodeOptions) -> jax
   return jnp.where(block, -jnp.inf, scores)
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The decoding loops.
 
 
 def _greedy(adapter, opts, params, logits, caches, extra, mask, first_pos, rng):
-  """Greedy or sampled decoding, one token per row per step. logits: float32[B, V] of the prefill."""
+  """Greedy or sampled decoding, one token per row per step.  logits: float32[B, V] of the
+  prefill."""
   n, pad = opts.max_new_tokens, opts.pad_token_id
 
   def choose(logits, i, finished):
@@ -443,8 +444,9 @@ def generate(
   adapter = _adapter(model)
   unknown = set(model_inputs) - set(adapter.inputs)
   if unknown:
+    takes = list(adapter.inputs) or "only the ids"
     raise ValueError(f"generate: {type(model).__module__}.{type(model).__name__} takes no "
-                     f"inputs {sorted(unknown)} (it takes {list(adapter.inputs) or 'only the ids'})")
+                     f"inputs {sorted(unknown)} (it takes {takes})")
   if isinstance(adapter, _Flamingo) and model_inputs.get("vision_x") is None:
     raise ValueError("generate: a Flamingo needs vision_x=float[B, T_img, H, W, 3]")
   if do_sample and rng is None:

@@ -16,9 +16,9 @@ text token t may attend to the R latents of image m iff text_time[t] == media_ti
 slots beyond the number of <image> tokens have media_time > max(text_time) and are never attended.
 
 For decoding after a cached prompt, `text_time` can be given directly (OpenFlamingo's cached-media mode:
-every new token attends to the last prompt image), and so can the media's keys/values (`MediaKV`, returned
-in aux["media_kv"] by every call): they depend only on the media, so a generation loop computes them once
-per prompt instead of projecting the R * T_img latents again at every new token.
+every new token attends to the last prompt image), and so can the media's keys/values (`MediaKV`,
+returned in aux["media_kv"] by every call): they depend only on the media, so a generation loop
+computes them once per prompt instead of projecting the R * T_img latents again at every new token.
 """
 
 from typing import Any
@@ -40,7 +40,8 @@ Dtype = Any
 class MediaKV:
   """The media's cross-attention keys and values of one xattn block.
 
-  k, v: float[B, T_img, R, H, D] (heads H of dim D), a leading [G] axis when stacked per scanned group.
+  k, v: float[B, T_img, R, H, D] (heads H of dim D); a leading [G] axis when stacked per scanned
+  group.
   """
 
   k: jax.Array

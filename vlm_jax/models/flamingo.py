@@ -35,10 +35,10 @@ examples, so packing requires `only_attend_immediate_media=True`.
 Decoding (`vlm_jax.eval.generate`): `caches` (from `init_caches`) make the LM append this call's
 keys/values, with `attention_mask` covering the whole cache and `positions` the new tokens' position
 ids. Every call returns the xattn blocks' media keys/values in aux["media_kv"]; passed back as
-`media_kv`, they replace `vision_x` (which may then be None): the vision tower, the resampler and the
-xattn k/v projections do not run again. With `text_time` the new tokens attend to the last prompt
-image (OpenFlamingo's cached-media mode). Works unscanned and with `lm.scan_layers` (the caches and
-media keys/values are then stacked per layer / per group).
+`media_kv`, they replace `vision_x` (which may then be None): the vision tower, the resampler and
+the xattn k/v projections do not run again. With `text_time` the new tokens attend to the last
+prompt image (OpenFlamingo's cached-media mode). Works unscanned and with `lm.scan_layers` (the
+caches and media keys/values are then stacked per layer / per group).
 """
 
 import functools

@@ -82,11 +82,11 @@ class LayerGroup:
   """A block run before the last decoder layer of every group of `size` layers (scanned models).
 
   block: makes the block module, `block(name=...)`; it is called as
-  `block(h, *args, *xs_g) -> (h, aux)`, where `args` are the same for every group and `xs_g` is row g
-  of each array (pytree) in `xs`, whose leading axis is the group [G, ...] (Flamingo's cached media
-  keys/values). `collect` names entries of the block's aux to return stacked [G, ...] in the LM's
-  aux["group_outputs"]. Its params are stacked one row per group under `layers/<name>`
-  (default "xattn").
+  `block(h, *args, *xs_g) -> (h, aux)`, where `args` are the same for every group and `xs_g` is
+  row g of each array (pytree) in `xs`, whose leading axis is the group [G, ...] (Flamingo's
+  cached media keys/values). `collect` names entries of the block's aux to return stacked
+  [G, ...] in the LM's aux["group_outputs"]. Its params are stacked one row per group under
+  `layers/<name>` (default "xattn").
   """
 
   size: int
