@@ -1,19 +1,18 @@
 """Rank classification: the log-likelihood of every class name after the prompt (OpenFlamingo's
-`get_rank_classifications` with `normalize_length=True`).
+`get_rank_classifications`, `normalize_length=True`, with its cached context).
 
   score[b, k] = mean_j log p(c_k[j] | prompt_b, c_k[:j])         c_k = tokens of class name k
 
 Class names are tokenized on their own (no special tokens) and appended after the left-padded prompt,
-as OpenFlamingo does. When every class name is one token, one forward pass of the prompt scores them
-all (the next-token distribution at its last position). Otherwise each (example, class) pair is one
-row `prompt_b ++ c_k` (class tokens right-padded to the longest class, padding masked out of the mean);
-rows go through the model `rows_per_call` at a time, a static shape, so one compilation serves every
-chunk. (OpenFlamingo caches the prompt's keys/values instead; the numbers are the same.)
+as OpenFlamingo does. The prompt runs once per example (`prefill`: vision tower, resampler, the
+LM over the prompt into KV caches with room for the longest class name); its last logits give every
+class's first token. Names of more tokens then run as (example, class) rows, `rows_per_call` at a time
+(a static shape: one compilation serves every chunk), each row reading its example's caches and media
+keys/values (the vision tower never runs again), `C` tokens per row. The result equals one full forward
+pass per (example, class) (tested).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from vlm_jax.eval import inputs
+from vlm_jax.layers.attention import KVCache
 
 
 def class_token_ids(tokenizer, class_names) -> list[list[int]]:
@@ -31,30 +31,56 @@ def class_token_ids(tokenizer, class_names) -> list[list[int]]:
   return ids
 
 
-def make_scorers(model) -> tuple[Callable, Callable]:
-  """(next_token_logprobs, continuation_logprobs), both jittable functions of params.
+def _take_rows(tree, rows: jax.Array, batch_axis_from_end: int):
+  """Rows `rows` of every array in `tree` along its batch axis (ndim - batch_axis_from_end); a
+  KVCache keeps its (shared) write index."""
+  def one(x):
+    if isinstance(x, KVCache):
+      return KVCache(_take_rows(x.k, rows, 4), _take_rows(x.v, rows, 4), x.index)
+    return jnp.take(x, rows, axis=x.ndim - batch_axis_from_end)
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, KVCache))
 
-  next_token_logprobs(params, vision_x [B, T_img, S, S, 3], ids int[B, L], mask int[B, L],
-    class_ids int[K]) -> float32[B, K]: log p(class_ids[k] | prompt) at the last position.
-  continuation_logprobs(params, vision_x [R, ...], ids int[R, L + C], mask int[R, L + C],
-    targets int[R, C], target_mask int[R, C]) -> float32[R]: mean log-prob of the last C tokens'
-    unmasked targets, each predicted from the position before it.
+
+def make_scorers(model, class_len: int):
+  """(prefill, continue_rows): jittable functions of params for a Flamingo `model`.
+
+  prefill(params, vision_x [B, T_img, S, S, 3], ids int[B, L] left-padded, mask int[B, L])
+    -> (first float32[B, V] log-probs of the token after the prompt, state for continue_rows).
+  continue_rows(params, state, rows int[R] (example of each row), targets int[R, C], target_mask
+    int[R, C]) -> float32[R]: the mean log-prob of each row's unmasked target tokens.
   """
 
-  def next_token_logprobs(params, vision_x, ids, mask, class_ids):
-    logits, _ = model.apply({"params": params}, vision_x, ids, mask)
-    lp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
-    return jnp.take(lp, class_ids, axis=-1)
+  def prefill(params, vision_x, ids, mask):
+    b, length = ids.shape
+    full_mask = jnp.concatenate([mask, jnp.ones((b, class_len), mask.dtype)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    caches = model.init_caches(b, length + class_len)
+    logits, aux = model.apply({"params": params}, vision_x, ids, full_mask, positions=positions,
+                              caches=caches)
+    first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+    state = {"caches": aux["lm"]["caches"], "media_kv": aux["media_kv"],
+             "text_time": aux["text_time"][:, -1], "mask": mask, "first": first}
+    return first, state
 
-  def continuation_logprobs(params, vision_x, ids, mask, targets, target_mask):
+  def continue_rows(params, state, rows, targets, target_mask):
     c = targets.shape[1]
-    logits, _ = model.apply({"params": params}, vision_x, ids, mask)
-    lp = jax.nn.log_softmax(logits[:, -c - 1:-1].astype(jnp.float32), axis=-1)
-    tok = jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+    caches = _take_rows(state["caches"], rows, 4)         # [.., R, S, K, D]
+    media_kv = _take_rows(state["media_kv"], rows, 5)     # [.., R, T_img, R_lat, H, D]
+    mask = jnp.concatenate([state["mask"][rows], target_mask.astype(state["mask"].dtype)], axis=1)
+    positions = state["mask"][rows].sum(-1, keepdims=True) + jnp.arange(c)[None]
+    # Class tokens hold no <image>: they attend to the prompt's last image (its text_time).
+    text_time = jnp.broadcast_to(state["text_time"][rows][:, None], targets.shape)
+    logits, _ = model.apply({"params": params}, None, targets, mask, positions=positions,
+                            caches=caches, media_kv=media_kv, text_time=text_time)
+    # Token j of a class is predicted by the prompt's last position (j = 0) or the class's j - 1.
+    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    later = jnp.take_along_axis(lp, targets[:, 1:, None], axis=-1)[..., 0]
+    first = jnp.take_along_axis(state["first"][rows], targets[:, :1], axis=-1)
+    tok = jnp.concatenate([first, later], axis=1)
     w = target_mask.astype(jnp.float32)
     return jnp.sum(tok * w, axis=-1) / jnp.maximum(jnp.sum(w, axis=-1), 1.0)
 
-  return next_token_logprobs, continuation_logprobs
+  return prefill, continue_rows
 
 
 class Scorer:
@@ -64,42 +90,42 @@ class Scorer:
     model: the Flamingo Module.
     mesh, rules: where params live; inputs are split over the batch axes.
     put: numpy array (every process holds all rows) -> global jax.Array split over the batch axes.
-    rows_per_call: rows per forward pass in the multi-token path (a multiple of the data shards).
+    rows_per_call: (example, class) rows per call for multi-token names (a multiple of the data
+      shards).
   """
 
   def __init__(self, model, mesh, rules, put, rows_per_call: int):
-    self.mesh, self.rules, self.put, self.rows = mesh, rules, put, rows_per_call
-    nxt, cont = make_scorers(model)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      self._next = jax.jit(nxt)
-      self._cont = jax.jit(cont)
+    self.model, self.mesh, self.rules, self.put, self.rows = model, mesh, rules, put, rows_per_call
+    self._fns: dict[int, tuple] = {}
 
-  def _call(self, fn, *args):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return np.asarray(jax.device_get(fn(*args)))
+  def _jitted(self, class_len: int):
+    if class_len not in self._fns:
+      prefill, cont = make_scorers(self.model, class_len)
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        self._fns[class_len] = (jax.jit(prefill), jax.jit(cont))
+    return self._fns[class_len]
 
   def score(self, params, vision_x: np.ndarray, ids: np.ndarray, mask: np.ndarray,
             class_ids: list[list[int]], pad_id: int) -> np.ndarray:
     """vision_x: uint8[B, T_img, S, S, 3]; ids / mask: int32[B, L] left-padded prompts (B already a
     multiple of the data shards) -> float32[B, K] mean class-token log-probs."""
-    b = len(ids)
-    if all(len(c) == 1 for c in class_ids):
-      first = np.asarray([c[0] for c in class_ids], np.int32)
-      return self._call(self._next, params, self.put(vision_x), self.put(ids), self.put(mask),
-                        first)
-    k = len(class_ids)
+    b, k = len(ids), len(class_ids)
     c = max(len(x) for x in class_ids)
-    targets, target_mask = inputs.right_pad(class_ids, c, pad_id)
-    row_example = np.repeat(np.arange(b), k)  # row r = (example r // K, class r % K)
-    row_class = np.tile(np.arange(k), b)
-    out = np.empty((b * k,), np.float32)
-    for s in range(0, b * k, self.rows):
-      rows = np.arange(s, min(b * k, s + self.rows))
-      ex = inputs.pad_rows(row_example[rows], self.rows)
-      cl = inputs.pad_rows(row_class[rows], self.rows)
-      row_ids = np.concatenate([ids[ex], targets[cl]], axis=1)
-      row_mask = np.concatenate([mask[ex], target_mask[cl]], axis=1)
-      res = self._call(self._cont, params, self.put(vision_x[ex]), self.put(row_ids),
-                       self.put(row_mask), self.put(targets[cl]), self.put(target_mask[cl]))
-      out[rows] = res[:len(rows)]
+    prefill, cont = self._jitted(c)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      first, state = prefill(params, self.put(vision_x), self.put(ids), self.put(mask))
+      if c == 1:  # every class name is one token: the prompt's next-token distribution is all
+        first = np.asarray(jax.device_get(first))
+        return first[:, [x[0] for x in class_ids]]
+      targets, target_mask = inputs.right_pad(class_ids, c, pad_id)
+      row_example = np.repeat(np.arange(b), k)  # row r = (example r // K, class r % K)
+      row_class = np.tile(np.arange(k), b)
+      out = np.empty((b * k,), np.float32)
+      for s in range(0, b * k, self.rows):
+        rows = np.arange(s, min(b * k, s + self.rows))
+        ex = inputs.pad_rows(row_example[rows], self.rows)
+        cl = inputs.pad_rows(row_class[rows], self.rows)
+        res = cont(params, state, self.put(ex.astype(np.int32)), self.put(targets[cl]),
+                   self.put(target_mask[cl]))
+        out[rows] = np.asarray(jax.device_get(res))[:len(rows)]
     return out.reshape(b, k)
