@@ -376,6 +376,7 @@ def _generate_jit(key: _ModelKey, opts: DecodeOptions, mesh, rules, params, inpu
   reads them from the enclosing `nn.logical_axis_rules`."""
   del rules
   adapter = _adapter(key.model)
+  input_ids = input_ids.astype(jnp.int32)
   b, t = input_ids.shape
   n, k = opts.max_new_tokens, opts.num_beams
   prompt_mask = attention_mask.astype(jnp.int32)
@@ -403,6 +404,7 @@ def _place(x: Any, mesh) -> Any:
   if x is None or (isinstance(x, jax.Array) and not x.is_fully_addressable):
     return x
   x = np.asarray(x)
+  x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype))  # int64 ids -> int32 without x64
   data = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
   split = x.ndim > 0 and x.shape[0] % data == 0
   spec = sharding.batch_sharding(mesh) if split else sharding.replicated(mesh)
@@ -456,7 +458,8 @@ def generate(
   if np.ndim(input_ids) != 2 or np.shape(attention_mask) != np.shape(input_ids):
     raise ValueError(f"input_ids and attention_mask must both be [B, T], got {np.shape(input_ids)} "
                      f"and {np.shape(attention_mask)}")
-  if not isinstance(attention_mask, jax.core.Tracer):
+  if not isinstance(attention_mask, jax.core.Tracer) and getattr(
+      attention_mask, "is_fully_addressable", True):
     last = np.asarray(attention_mask)[:, -1]
     if not np.all(last):
       raise ValueError(f"generate: prompts must be left-padded (attention_mask[:, -1] == 1); rows "
@@ -467,7 +470,6 @@ def generate(
                          jnp.asarray(attention_mask, jnp.int32), rng, model_inputs)
   rules = sharding.logical_rules(rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    ids = _place(np.asarray(input_ids, np.int32), mesh)
-    am = _place(np.asarray(attention_mask, np.int32), mesh)
+    ids, am = _place(input_ids, mesh), _place(attention_mask, mesh)
     inputs = {name: _place(v, mesh) for name, v in model_inputs.items()}
     return _generate_jit(key, opts, mesh, rules, params, ids, am, rng, inputs)
