@@ -23,7 +23,13 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+# Batch rows are split fsdp-major. The other order, ("data", "fsdp") as in MaxText, hits an XLA SPMD
+# partitioner bug (jax 0.10.2, Shardy or GSPMD): with data, fsdp and tensor all > 1, a matmul whose
+# kernel is split over (tensor, fsdp) and whose output is constrained to batch over ("data",
+# "fsdp") is computed on rows permuted by a collective-permute that is never undone, so rows of
+# different data/fsdp blocks swap (the attention output projection at few tokens per device, e.g.
+# every decode step). tests/test_sharding.py keeps the minimal case and checks the model per row.
+BATCH_AXES = ("fsdp", "data")
 
 # Logical name -> mesh axes. Weights: FSDP shards the embed dim, tensor parallelism the heads/mlp/vocab
 # dims. Activations: batch over data+fsdp, features over tensor.
