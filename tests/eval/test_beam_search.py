@@ -17,12 +17,24 @@ from vlm_jax.eval import generate  # noqa: E402
 N, BEAMS = 7, 3
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt_neox"])
-def lm(request, tmp_path_factory):
-  path = str(tmp_path_factory.mktemp(request.param))
-  hf = build_hf_lm(request.param, path)
-  model, params = load_hf_lm(path)
-  return request.param, hf, model, params
+@pytest.fixture(scope="module")
+def lms(tmp_path_factory):
+  """family -> (family, hf model, our model, params), built on first use and shared."""
+  built = {}
+
+  def get(family):
+    if family not in built:
+      path = str(tmp_path_factory.mktemp(family))
+      hf = build_hf_lm(family, path)
+      built[family] = (family, hf, *load_hf_lm(path))
+    return built[family]
+  return get
+
+
+@pytest.fixture(scope="module")
+def lm(lms):
+  """The tiny LLaMA: length penalties, min_new_tokens and sampling do not depend on the decoder."""
+  return lms("llama")
 
 
 def _both(hf, model, params, **kw):
@@ -40,11 +52,10 @@ def _stop_tokens(hf, model, params):
   return int(ours[0, 2]), int(ours[1, 4])
 
 
-@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0, -1.0])
-def test_beam_search_matches_transformers_with_stop_tokens(lm, length_penalty):
-  family, hf, model, params = lm
-  if family != "llama" and length_penalty not in (0.0,):
-    pytest.skip("length penalties are decoder-independent: llama covers them")
+@pytest.mark.parametrize("family,length_penalty", [
+  ("llama", 0.0), ("llama", 1.0), ("llama", 2.0), ("llama", -1.0), ("gpt_neox", 0.0)])
+def test_beam_search_matches_transformers_with_stop_tokens(lms, family, length_penalty):
+  _, hf, model, params = lms(family)
   stops = _stop_tokens(hf, model, params)
   ours, ref = _both(hf, model, params, length_penalty=length_penalty, stop_token_ids=stops)
   np.testing.assert_array_equal(ours, ref)
@@ -57,9 +68,7 @@ def test_beam_search_matches_transformers_with_stop_tokens(lm, length_penalty):
 
 
 def test_beam_search_without_stop_tokens_and_with_min_new_tokens(lm):
-  family, hf, model, params = lm
-  if family != "llama":
-    pytest.skip("llama covers it")
+  _, hf, model, params = lm
   ours, ref = _both(hf, model, params, length_penalty=1.0)
   np.testing.assert_array_equal(ours, ref)
   assert not np.any(ours == PAD) or PAD in ref  # full length: no hypothesis ended early
@@ -70,9 +79,7 @@ def test_beam_search_without_stop_tokens_and_with_min_new_tokens(lm):
 
 
 def test_beam_sampling_is_deterministic_for_a_fixed_rng(lm):
-  family, hf, model, params = lm
-  if family != "llama":
-    pytest.skip("llama covers it")
+  _, hf, model, params = lm
   kw = dict(max_new_tokens=N, num_beams=BEAMS, do_sample=True, temperature=2.0, top_k=20,
             pad_token_id=PAD)
   a = generate(model, params, INPUTS, MASK, rng=jax.random.PRNGKey(0), **kw)

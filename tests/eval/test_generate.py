@@ -52,10 +52,8 @@ def test_greedy_matches_transformers_with_left_padding_and_stop_tokens(lm):
   assert not np.all(got[1] == PAD)
 
 
-def test_min_new_tokens_matches_transformers(lm):
-  family, hf, model, params = lm
-  if family != "llama":
-    pytest.skip("one family suffices for the logits processor")
+def test_min_new_tokens_matches_transformers(llama):
+  hf, model, params = llama
   ref = _hf(hf)
   stop = int(ref[0, 0])  # would stop row 0 at once without min_new_tokens
   kw = dict(min_new_tokens=3)
@@ -88,13 +86,14 @@ def test_cached_decode_equals_full_forward_at_every_step(lm, tmp_path, scan):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
+  """(transformers model, our model, params) of the tiny LLaMA, for the decoder-independent tests."""
   path = str(tmp_path_factory.mktemp("llama_sampling"))
-  build_hf_lm("llama", path)
-  return load_hf_lm(path)
+  hf = build_hf_lm("llama", path)
+  return (hf, *load_hf_lm(path))
 
 
 def test_sampling_top_k_1_is_greedy_and_a_fixed_rng_is_deterministic(llama):
-  model, params = llama
+  _, model, params = llama
   greedy = _ours(model, params, max_new_tokens=N)
   key = jax.random.PRNGKey(3)
   np.testing.assert_array_equal(
@@ -108,7 +107,7 @@ def test_sampling_top_k_1_is_greedy_and_a_fixed_rng_is_deterministic(llama):
 
 def test_sampled_tokens_stay_inside_top_k(llama):
   """Teacher-forced over the sampled ids, every sampled token is among the k most likely."""
-  model, params = llama
+  _, model, params = llama
   out = _ours(model, params, max_new_tokens=N, do_sample=True, top_k=3, temperature=5.0,
               rng=jax.random.PRNGKey(0))
   ids = np.concatenate([INPUTS, out], 1)
@@ -145,7 +144,7 @@ def test_warpers_match_transformers(temperature, top_k, top_p, keep):
 
 
 def test_repeated_calls_reuse_the_compiled_program(llama):
-  model, params = llama
+  _, model, params = llama
   _ours(model, params, max_new_tokens=4)
   size = _generate_jit._cache_size()
   _ours(model, jax.tree.map(lambda x: x * 1.01, params), max_new_tokens=4)
@@ -156,7 +155,7 @@ def test_repeated_calls_reuse_the_compiled_program(llama):
 
 
 def test_bad_inputs_get_clear_errors(llama):
-  model, params = llama
+  _, model, params = llama
   with pytest.raises(ValueError, match="left-padded"):
     generate(model, params, INPUTS, MASK[:, ::-1], max_new_tokens=2)
   with pytest.raises(ValueError, match="takes no inputs"):
