@@ -90,3 +90,21 @@ def test_gpt_neox_backbone_gates_zero_gives_bare_lm_logits():
   logits, _ = model.apply({"params": params}, vx, ids)
   ref, _ = gpt_neox.Model(**lm).apply({"params": params["lm"]}, ids)
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref))
+
+
+def test_last_logits_only_is_the_last_row_without_the_full_vocab_matmul(setup):
+  """A generation prefill's `last_logits_only=True`: the same last row, and XLA's FLOP count drops by
+  the [B, T-1, D] x [D, V] head matmul it no longer computes."""
+  model, params, vx, ids, am = setup
+  full, _ = model.apply({"params": params}, vx, ids, am)
+  last, aux = model.apply({"params": params}, vx, ids, am, last_logits_only=True)
+  assert last.shape == (2, 1, LM["vocab_size"])
+  np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full[:, -1]), atol=1e-6, rtol=1e-6)
+
+  def flops(last_only):
+    f = jax.jit(lambda p: model.apply({"params": p}, vx, ids, am, last_logits_only=last_only)[0])
+    cost = f.lower(params).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+  b, t = ids.shape
+  head = 2 * b * (t - 1) * LM["hidden_size"] * LM["vocab_size"]
+  assert flops(False) - flops(True) >= head

@@ -131,7 +131,8 @@ class _LM:
     return self.model.init_caches(batch, length, self.model.dtype)
 
   def prefill(self, params, ids, mask, positions, caches, inputs):
-    logits, aux = self.model.apply({"params": params}, ids, mask, positions, caches)
+    logits, aux = self.model.apply({"params": params}, ids, mask, positions, caches,
+                                   last_logits_only=True)
     return logits[:, -1], aux["caches"], {}
 
   def step(self, params, tok, mask, positions, caches, extra):
@@ -149,7 +150,7 @@ class _Flamingo(_LM):
 
   def prefill(self, params, ids, mask, positions, caches, inputs):
     logits, aux = self.model.apply({"params": params}, inputs["vision_x"], ids, mask,
-                                   positions=positions, caches=caches)
+                                   positions=positions, caches=caches, last_logits_only=True)
     # OpenFlamingo's cached-media mode: new tokens attend to the last image of the prompt.
     extra = {"media_kv": aux["media_kv"], "text_time": aux["text_time"][:, -1:]}
     return logits[:, -1], aux["lm"]["caches"], extra
@@ -173,7 +174,7 @@ class _Llava(_LM):
 
   def prefill(self, params, ids, mask, positions, caches, inputs):
     logits, aux = self.model.apply({"params": params}, inputs.get("images"), ids, mask,
-                                   positions=positions, caches=caches)
+                                   positions=positions, caches=caches, last_logits_only=True)
     return logits[:, -1], aux["lm"]["caches"], {}
 
   def step(self, params, tok, mask, positions, caches, extra):

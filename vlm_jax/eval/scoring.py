@@ -56,7 +56,7 @@ def make_scorers(model, class_len: int):
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     caches = model.init_caches(b, length + class_len)
     logits, aux = model.apply({"params": params}, vision_x, ids, full_mask, positions=positions,
-                              caches=caches)
+                              caches=caches, last_logits_only=True)
     first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
     state = {"caches": aux["lm"]["caches"], "media_kv": aux["media_kv"],
              "text_time": aux["text_time"][:, -1], "mask": mask, "first": first}

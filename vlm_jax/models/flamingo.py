@@ -126,6 +126,7 @@ class Model(nn.Module):
     positions: jax.Array | None = None,
     caches: Any = None,
     media_kv: Any = None,
+    last_logits_only: bool = False,
   ) -> tuple[jax.Array, dict]:
     """vision_x: float[B, T_img, H, W, 3] (None with media_kv); input_ids: int32[B, T_txt];
     attention_mask: int[B, T_txt], or int[B, S_max] over the whole cache with `caches`.
@@ -134,6 +135,7 @@ class Model(nn.Module):
     segment_ids: optional int32[B, T_txt] of a packed batch (0 = padding, 1..k = example).
     positions: optional int[B, T_txt] position ids for the LM (default 0.., or after the cache).
     caches: the LM's KV caches (`init_caches`); updated ones come back in aux["lm"]["caches"].
+    last_logits_only: logits of the last position only, float32[B, 1, V] (a generation prefill).
     media_kv: aux["media_kv"] of an earlier call on the same images: {"xattn_{i}": MediaKV} or, with
       lm.scan_layers, one MediaKV stacked [G, ...] per group.
 
@@ -174,7 +176,7 @@ class Model(nn.Module):
         return h
       hooks["before_layer"] = before_layer
     logits, laux = lm(input_ids, attention_mask, positions, caches, segment_ids=segment_ids,
-                      **hooks)
+                      last_logits_only=last_logits_only, **hooks)
     out_kv = laux["group_outputs"]["media_kv"] if lm.scan_layers else new_kv
     return logits, {"media": media, "text_time": text_time, "media_kv": out_kv, "lm": laux}
 

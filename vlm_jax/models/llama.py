@@ -28,6 +28,10 @@ size = cross_attn_every_n_layers. Scanned KV caches are one `KVCache` with a lea
 Packed rows (`vlm_jax.data.packing`): `segment_ids` int[B, T] (0 = padding) makes self-attention
 block-diagonal causal and restarts the default positions at 0 in each segment, so every packed
 example gets the logits it gets alone (`vlm_jax.layers.segments`). Training only: not with `caches`.
+
+`last_logits_only=True` returns logits float32[B, 1, V] of the last position only (aux["hidden"]
+too): what a generation prefill needs, without the [B, T, V] matmul (XLA does not push the slice
+into it: 3.2 GB and 0.8 TFLOP for 8 x 2000 tokens at V = 50k).
 """
 
 import dataclasses
@@ -251,6 +255,7 @@ class Model(nn.Module):
     embed_hook: Callable[[jax.Array], jax.Array] | None = None,
     segment_ids: jax.Array | None = None,
     layer_group: LayerGroup | None = None,
+    last_logits_only: bool = False,
   ) -> tuple[jax.Array, dict]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t = input_ids.shape
@@ -299,6 +304,8 @@ class Model(nn.Module):
       x, probs, new_caches, group_outputs = self._scan_groups(
         layer, layer_group, x, mask, window_mask, positions, caches, return_probs)
     x = self.final_norm(kw)(x)
+    if last_logits_only:  # a prefill needs one row of logits; XLA would compute [B, T, V] and slice
+      x = x[:, -1:]
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:

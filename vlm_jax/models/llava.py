@@ -133,10 +133,12 @@ class Model(nn.Module):
     *,
     positions: jax.Array | None = None,
     caches: Any = None,
+    last_logits_only: bool = False,
   ) -> tuple[jax.Array, dict]:
     """images: float[N, H, W, 3] (NHWC, CLIP-normalised; the batch's images in reading order) or
     None for a text-only batch; input_ids: int32[B, T] holding N * P image tokens;
     attention_mask: int[B, T], or int[B, S_max] over the whole cache with `caches`.
+    last_logits_only: logits of the last position only, float32[B, 1, V] (a generation prefill).
     positions: optional int[B, T] LM position ids; caches: the LM's KV caches (`init_caches`),
     updated ones in aux["lm"]["caches"].
 
@@ -177,5 +179,6 @@ class Model(nn.Module):
     # overwritten by the hook, so look them up as 0. Without images (a decoding step) an image-token
     # id is an ordinary generated token and keeps its own embedding row, as in HF.
     text_ids = input_ids if images is None else jnp.where(is_image, 0, input_ids)
-    logits, laux = lm(text_ids, attention_mask, positions, caches, embed_hook=hook)
+    logits, laux = lm(text_ids, attention_mask, positions, caches, embed_hook=hook,
+                      last_logits_only=last_logits_only)
     return logits, {"image_features": feats, "lm": laux}
