@@ -3,8 +3,9 @@ resume, and end where one process on 8 devices does; checkpoints restore across 
 
 The slow tests share one module-scoped set of runs of the tiny Flamingo with its LM-pretraining init
 stage disabled (the stage would double the time and adds nothing multi-host specific), a constant
-learning rate (so the first leg's shorter `total_steps` does not change the schedule) and one small
-evaluator (evaluations are collective too):
+learning rate (so the first leg's shorter `total_steps` does not change the schedule) and small
+evaluators of each kind (synthetic VQA, held-out loss, few-shot generation and ranked
+classification; evaluations are collective too):
   two   `python -m vlm_jax.main` x 2 processes, steps 0-3, then both restarted to step 6 (resume)
   ref   1 process, 8 devices, steps 0-6; its global batch is made of the same two process shards
   check 1 process, 8 devices: restores both final checkpoints onto one mesh and compares; restores
@@ -37,7 +38,12 @@ CONFIG_FILE = textwrap.dedent("""
     c = load_config(os.path.join({root!r}, "configs", "flamingo.py"), "tiny")
     c.init.stage = None
     c.evals = {{"vqa": {{"type": "synthetic_vqa", "num_examples": 8, "batch_size": 8}},
-               "heldout": {{"type": "loss", "num_batches": 2}}}}
+               "heldout": {{"type": "loss", "num_batches": 2}},
+               "fewshot": {{"type": "fewshot", "shots": [0, 2], "trial_seeds": [0],
+                           "num_beams": 2, "batch_size": 8, "tasks": {{
+                             "vqa": {{"dataset": "synthetic_vqa", "num_train": 16, "num_test": 8}},
+                             "shape": {{"dataset": "synthetic_classification", "num_train": 16,
+                                       "num_test": 8}}}}}}}}
     c.optimizer.schedule = "constant"
     c.optimizer.warmup_steps = 0
     c.mesh.update({mesh!r})
@@ -243,6 +249,10 @@ def test_two_processes_resume_and_match_one_process(runs):
   assert {k: v for k, v in two.items() if k.startswith("eval/accuracy")} == \
          {k: v for k, v in ref.items() if k.startswith("eval/accuracy")}
   assert abs(two["eval/loss"] - ref["eval/loss"]) < 1e-4, (two, ref)
+  # Few-shot (beam-search VQA and ranked classification) is collective too: the same scores.
+  fewshot = {k for k in ref if k.startswith("eval/fewshot_")}
+  assert {"eval/fewshot_vqa_0shot", "eval/fewshot_shape_2shot"} <= fewshot, sorted(ref)
+  assert {k: two[k] for k in fewshot} == pytest.approx({k: ref[k] for k in fewshot}, abs=1e-6)
   check = runs["check"]
   assert check["trained_moved"] > 0  # the compared params did train
   # Same data, same mesh sizes: only the order of float32 reductions differs.

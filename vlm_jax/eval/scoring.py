@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vlm_jax import sharding
 from vlm_jax.eval import inputs
 from vlm_jax.layers.attention import KVCache
 
@@ -101,8 +102,18 @@ class Scorer:
   def _jitted(self, class_len: int):
     if class_len not in self._fns:
       prefill, cont = make_scorers(self.model, class_len)
+      # The scores come back replicated so every process can read all of them (multi-host: a
+      # batch-split result spans other processes' devices); the caches stay where they are.
+      repl = sharding.replicated(self.mesh)
+
+      def prefill_replicated(*args):
+        first, state = prefill(*args)
+        return jax.lax.with_sharding_constraint(first, repl), state
+
+      def cont_replicated(*args):
+        return jax.lax.with_sharding_constraint(cont(*args), repl)
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        self._fns[class_len] = (jax.jit(prefill), jax.jit(cont))
+        self._fns[class_len] = (jax.jit(prefill_replicated), jax.jit(cont_replicated))
     return self._fns[class_len]
 
   def score(self, params, vision_x: np.ndarray, ids: np.ndarray, mask: np.ndarray,
