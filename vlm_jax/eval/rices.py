@@ -91,9 +91,9 @@ class Rices:
         if progress is not None:
           progress(int(idx[-1]) + 1, num_candidates)
       features = np.concatenate(chunks)
-      if cache_path:
+      if cache_path and jax.process_index() == 0:  # every process has the same features
         os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
-        tmp = cache_path + ".tmp.npy"
+        tmp = f"{cache_path}.tmp{os.getpid()}.npy"  # never a half-written file under the name
         np.save(tmp, features)
         os.replace(tmp, cache_path)
     self.features = normalise(features)
