@@ -36,6 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import best_time
 from train_step import matmul_peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,14 +59,7 @@ PROMPT_LEN = 32
 def measure_bandwidth(mib: int = 256, reps: int = 8) -> float:
   """Bytes/s of a jitted reduction over a `mib` MiB float32 array (read-bound), best of `reps`."""
   x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  f(x).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return x.nbytes / best
+  return x.nbytes / best_time(jax.jit(jnp.sum), x, reps=reps)
 
 
 def _nbytes(tree) -> int:

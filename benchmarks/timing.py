@@ -19,3 +19,14 @@ def time_steps(compiled, state, batch, key, *, steps: int, warmup: int = 1):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   return float(np.median(times)), float(np.min(times)), m
+
+
+def best_time(fn, *args, reps: int) -> float:
+  """Seconds of the fastest of `reps` calls of jitted `fn(*args)`, after one warm-up call."""
+  fn(*args).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn(*args).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return best

@@ -20,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import time_steps
+from timing import best_time, time_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -41,15 +41,7 @@ MID = dict(  # ~107M params: LLaMA 768x8 with an 8k vocab, ViT 384x6, xattn ever
 
 
 def matmul_peak_flops(dtype, n: int = 2048, reps: int = 10) -> float:
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best
+  return 2 * n**3 / best_time(jax.jit(lambda x: x @ x), jnp.ones((n, n), dtype), reps=reps)
 
 
 def openflamingo_config(name: str, batch: int, remat: str, shrink: bool):
