@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from vlm_jax.data import packing, streams
+from vlm_jax.data import packing, pipeline, streams
 from vlm_jax.data.counting import CountingBatch
 from vlm_jax.layers.attention import causal_padding_mask
 from vlm_jax.layers.segments import segment_mask, segment_positions
@@ -116,8 +116,8 @@ def _data_config(**overrides):
 
 
 def _make(cfg, batch_size=2):
-  return packing.make_packed_dataset(cfg, split="train", batch_size=batch_size, process_index=0,
-                                     process_count=1)
+  return pipeline.make_dataset(cfg, split="train", batch_size=batch_size, process_index=0,
+                               process_count=1)
 
 
 def test_restore_mid_stream_continues_identically():

@@ -28,14 +28,21 @@ batched to the trainer's batch size as usual; the batch gains `inputs["segment_i
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import numpy as np
 
-from vlm_jax.data import pipeline, streams
+from vlm_jax.data import streams
+from vlm_jax.data.formats import config_fields
 from vlm_jax.data.interleaved import IGNORE_INDEX
 from vlm_jax.data.tokenizer import MEDIA_TOKEN, PAD_TOKEN, load_tokenizer, special_token_id
+
+
+def _field(config: Any, name: str, default: Any = config_fields.REQUIRED) -> Any:
+  return config_fields.field(config, name, default, reader="packing")
 
 
 def trim_example(example: dict, *, media_id: int) -> dict[str, np.ndarray]:
@@ -117,34 +124,21 @@ class Packed(grain.IterDataset):
     return f"Packed(num_bins={self._num_bins}, lengths={self._lengths})"
 
 
-def make_packed_dataset(
-  data_config: Any,
-  *,
-  split: str,
-  batch_size: int,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  repeat: bool = True,
-) -> Packed:
-  """`make_dataset` with packed rows (module docstring); same arguments, `config.data.packing_bins`
-  rows filled at once. The batch is make_dataset's plus `inputs["segment_ids"]` int32[B, T]."""
-  num_bins = int(data_config["packing_bins"])
+def packer(data_config: Any, *, batch_size: int) -> Callable[[grain.IterDataset], Packed]:
+  """The stage `make_dataset` puts after its one-example batches when `config.data.packing_bins` is
+  set: examples -> packed rows (module docstring), batched to `batch_size`; the batch is
+  make_dataset's plus `inputs["segment_ids"]` int32[B, T]. Checks the config before any source is
+  built."""
+  num_bins = int(_field(data_config, "packing_bins"))
   if num_bins < 1:
     raise ValueError(f"config.data.packing_bins must be >= 1 to pack, got {num_bins}.")
-  if data_config["source"] == "llava":
+  if _field(data_config, "source") == "llava":
     raise ValueError("config.data.packing_bins: packing takes Flamingo-layout examples (image-caption "
                      "pairs), not source 'llava'.")
-  if batch_size < 1:
-    raise ValueError(f"make_packed_dataset: batch_size must be >= 1, got {batch_size}.")
-  # The per-example stream is the plain pipeline (packing_bins off, so a dispatching make_dataset
-  # does not come back here), one example per batch.
-  unpacked = {key: data_config[key] for key in data_config.keys()}
-  unpacked["packing_bins"] = 0
-  examples = pipeline.make_dataset(unpacked, split=split, batch_size=1, process_index=process_index,
-                                   process_count=process_count, repeat=repeat)
-  tokenizer = load_tokenizer(data_config["tokenizer"])
-  has_images = data_config["kind"] != "text"
-  return Packed(examples, batch_size=batch_size, max_text_len=int(data_config["max_text_len"]),
-                max_images=int(data_config["max_images"]) if has_images else None,
-                num_bins=num_bins, pad_id=special_token_id(tokenizer, PAD_TOKEN),
-                media_id=special_token_id(tokenizer, MEDIA_TOKEN))
+  tokenizer = load_tokenizer(_field(data_config, "tokenizer"))
+  has_images = _field(data_config, "kind", None) != "text"
+  return functools.partial(
+    Packed, batch_size=batch_size, max_text_len=int(_field(data_config, "max_text_len")),
+    max_images=int(_field(data_config, "max_images")) if has_images else None,
+    num_bins=num_bins, pad_id=special_token_id(tokenizer, PAD_TOKEN),
+    media_id=special_token_id(tokenizer, MEDIA_TOKEN))

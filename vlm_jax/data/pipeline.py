@@ -35,13 +35,11 @@ included; `iterator.counters()` reports records seen and skipped per reason.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
-import numpy as np
 
-from vlm_jax.data import images, interleaved, synthetic
+from vlm_jax.data import images, interleaved, packing, streams, synthetic
 from vlm_jax.data import llava as llava_data
 from vlm_jax.data.augment import JointFlip
 from vlm_jax.data.counting import CountingBatch, StatsCollector
@@ -82,13 +80,6 @@ def _field(config: Any, name: str, default: Any = _REQUIRED) -> Any:
   raise ValueError(f"config.data.{name} is missing; make_dataset needs it.")
 
 
-def _collate(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
-  """Stacks examples and nests model inputs under "inputs" (labels stay beside them)."""
-  stacked = {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
-  labels = stacked.pop("labels")
-  return {"inputs": stacked, "labels": labels}
-
-
 class SkippingSource:
   """A random-access source whose bad records come back as `Skip` markers instead of exceptions."""
 
@@ -125,11 +116,11 @@ def _synthetic(config: Any, split: str, tokenizer):
     num_records=int(_field(config, "num_records")), image_size=image_size, max_images=max_images,
     seed=int(_field(config, "seed")))
   if kind == "text":
-    return source, interleaved.TextOnlyTransform(tokenizer, max_text_len), _collate
+    return source, interleaved.TextOnlyTransform(tokenizer, max_text_len), streams.collate
   return source, interleaved.InterleavedTransform(
     tokenizer, max_text_len=max_text_len, max_images=max_images, image_size=image_size,
     label_rule="pairs" if kind == "pairs" else "interleaved",
-    image_dtype=_field(config, "image_dtype")), _collate
+    image_dtype=_field(config, "image_dtype")), streams.collate
 
 
 def _documents(config: Any, split: str, tokenizer, module, source=None):
@@ -146,7 +137,7 @@ def _documents(config: Any, split: str, tokenizer, module, source=None):
       max_text_len=int(_field(config, "max_text_len", web_transforms.MMC4_MAX_TEXT_LEN)),
       max_images=int(_field(config, "max_images", web_transforms.MMC4_MAX_IMAGES)),
       **_image_checks(config))
-  return source, transform, _collate
+  return source, transform, streams.collate
 
 
 def _llava(config: Any, split: str, tokenizer, source=None):
@@ -213,22 +204,22 @@ def make_dataset(
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count}).")
-  # Both build on make_dataset (and import this module), hence the local imports.
+  # A mixture builds on make_dataset per component (and imports this module), hence the local import.
   if _field(data_config, "mixture"):
     from vlm_jax.data.mixture import make_mixture  # pylint: disable=g-import-not-at-top
     return make_mixture(data_config, split=split, batch_size=batch_size, process_index=process_index,
                         process_count=process_count, repeat=repeat)
-  if int(_field(data_config, "packing_bins")):
-    from vlm_jax.data.packing import make_packed_dataset  # pylint: disable=g-import-not-at-top
-    return make_packed_dataset(data_config, split=split, batch_size=batch_size,
-                               process_index=process_index, process_count=process_count, repeat=repeat)
+  # Packing (vlm_jax.data.packing) takes this pipeline's examples one at a time and batches its rows.
+  pack = packing.packer(data_config, batch_size=batch_size) if int(
+    _field(data_config, "packing_bins")) else None
+  example_batch = 1 if pack else batch_size
 
   source, transform, collate = _source_transform_collate(data_config, split)
   seed = int(_field(data_config, "seed"))
   ds = grain.MapDataset.source(SkippingSource(source)).shuffle(seed=seed % 2**32)
   usable = len(source) - len(source) % process_count
   ds = ds[process_index:usable:process_count]
-  if len(ds) < batch_size:
+  if len(ds) < example_batch:
     raise ValueError(
       f"Each of {process_count} processes gets {len(ds)} records of config.data.num_records="
       f"{len(source)}, fewer than batch_size={batch_size}."
@@ -245,7 +236,7 @@ def make_dataset(
   )
   # Batching happens before the (optional) worker processes, so only whole batches cross the process
   # boundary; each batch carries its skip counts, which StatsCollector sums in the main process.
-  it = CountingBatch(ds.to_iter_dataset(read_options), batch_size, collate, emit_stats=True)
+  it = CountingBatch(ds.to_iter_dataset(read_options), example_batch, collate, emit_stats=True)
   workers = int(_field(data_config, "num_workers"))
   if workers > 0:  # decode/resize in worker processes (the GIL would serialise them in threads)
     from absl import flags  # pylint: disable=g-import-not-at-top
@@ -255,4 +246,5 @@ def make_dataset(
     # float32 224px batches with no work cross at ~410 examples/s with 2 in flight, ~620 with 8).
     it = it.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=workers, per_worker_buffer_size=int(_field(data_config, "worker_buffer_size"))))
-  return StatsCollector(it, log_every=int(_field(data_config, "skip_log_every")))
+  it = StatsCollector(it, log_every=int(_field(data_config, "skip_log_every")))
+  return pack(it) if pack else it
