@@ -77,7 +77,7 @@ def pair_labels(
   return np.where((ids == pad_id) | (ids == media_id), ignore, ids).astype(np.int32)
 
 
-def _pad(ids: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_tokens(ids: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads int ids to `length`; returns (int32[length] ids, int32[length] attention mask)."""
   out = np.full((length,), pad_id, np.int32)
   out[: len(ids)] = ids
@@ -100,7 +100,7 @@ def encode_prompt(
   ids = tokenizer.encode(text, add_special_tokens=False).ids
   if len(ids) > max_len:
     raise ValueError(f"Prompt has {len(ids)} tokens, more than max_len={max_len}: {text[:80]!r}")
-  padded, _ = _pad(np.asarray(ids, np.int32), max_len, special_token_id(tokenizer, PAD_TOKEN))
+  padded, _ = pad_tokens(np.asarray(ids, np.int32), max_len, special_token_id(tokenizer, PAD_TOKEN))
   return padded, len(ids)
 
 
@@ -170,7 +170,7 @@ class InterleavedTransform(grain.transforms.Map):
       raise BadRecord(e.reason, f"{element.get('id', 'record')}: {e.detail}") from None
     if element.get("flip"):  # augment.JointFlip: all images of the record flip together
       vision_x = np.ascontiguousarray(vision_x[:, :, ::-1])
-    input_ids, attention_mask = _pad(ids, self.max_text_len, self.pad_id)
+    input_ids, attention_mask = pad_tokens(ids, self.max_text_len, self.pad_id)
     if self.label_rule == "interleaved":
       labels = flamingo_labels(
         input_ids, media_id=self.media_id, eoc_id=self.eoc_id, pad_id=self.pad_id
@@ -218,6 +218,6 @@ class TextOnlyTransform(grain.transforms.Map):
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
     text = strip_media_markup(element["text"])
     ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
-    input_ids, attention_mask = _pad(ids[: self.max_text_len], self.max_text_len, self.pad_id)
+    input_ids, attention_mask = pad_tokens(ids[: self.max_text_len], self.max_text_len, self.pad_id)
     labels = np.where(attention_mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

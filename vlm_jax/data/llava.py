@@ -44,10 +44,9 @@ import numpy as np
 import tokenizers
 
 from vlm_jax.data import images as images_lib
+from vlm_jax.data.interleaved import IGNORE_INDEX, pad_tokens
 from vlm_jax.data.records import BadRecord
-
-IGNORE_INDEX = -100
-IMAGE_TOKEN = "<image>"
+from vlm_jax.data.special_tokens import MEDIA_TOKEN as IMAGE_TOKEN
 VICUNA_V1_SYSTEM = (
   "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
   "helpful, detailed, and polite answers to the user's questions.")
@@ -264,13 +263,8 @@ class LlavaTransform(grain.transforms.Map):
       raise BadRecord("no_target_tokens", f"{where}: no answer token within max_text_len="
                                           f"{self.max_text_len}")
 
-    n = len(ids)
-    input_ids = np.full(self.max_text_len, self.pad_id, np.int32)
-    input_ids[:n] = ids
-    attention_mask = np.zeros(self.max_text_len, np.int32)
-    attention_mask[:n] = 1
-    labels = np.full(self.max_text_len, IGNORE_INDEX, np.int32)
-    labels[:n] = np.where(trained, ids, IGNORE_INDEX)
+    input_ids, attention_mask = pad_tokens(ids, self.max_text_len, self.pad_id)
+    labels, _ = pad_tokens(np.where(trained, ids, IGNORE_INDEX), self.max_text_len, IGNORE_INDEX)
 
     images = np.zeros((1, self.image_size, self.image_size, 3), np.float32)
     if has_image:
