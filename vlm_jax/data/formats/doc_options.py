@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, ClassVar
 
-from vlm_jax.data.formats import config_fields, image_payloads
+from vlm_jax.data.formats import config_fields, image_payloads, of_layout
 from vlm_jax.data.records import BadRecord
 
 BAD_IMAGE_POLICIES = ("skip", "drop")
@@ -51,6 +51,17 @@ class DocumentOptions:
         raise BadRecord(p.reason, p.detail) from None
       problems.append(p)
       return None
+
+  def check_single_image(self, text: str, placed: int, index: int, record_id: str) -> None:
+    """OF's rules for a laid-out document with one image (`placed` images in `text`): no text after
+    it -> BadRecord "image_only_at_end"; else kept with probability `single_image_keep_prob`, a coin
+    of (seed, index) -> BadRecord "single_image_dropped"."""
+    if placed != 1:
+      return
+    if of_layout.single_image_without_text(text):
+      raise BadRecord("image_only_at_end", f"{record_id}: no text follows the only image")
+    if not of_layout.keep_single_image(self.seed, index, self.single_image_keep_prob):
+      raise BadRecord("single_image_dropped", record_id)
 
   @classmethod
   def from_config(cls, config: Any, reader: str | None = None):

@@ -63,11 +63,6 @@ class MMC4Options(DocumentOptions):
       raise ValueError(f"mmc4: matching={self.matching!r}; expected one of {matching.METHODS}.")
 
 
-def options_from_config(config: Any, reader: str = "mmc4") -> MMC4Options:
-  """MMC4Options from config.data fields of the same names (all optional)."""
-  return MMC4Options.from_config(config, reader)
-
-
 def parse_document(raw: bytes | str | dict, record_id: str) -> dict[str, Any]:
   """One document (JSON text or its parsed object) with its three fields checked.
 
@@ -144,13 +139,8 @@ def build_record(
                     f"sim_threshold={options.sim_threshold} among {len(rows)} usable images")
   pairs.sort(key=lambda p: (p[1], p[0]))  # text order; argmax ties keep image order
   text, placed = of_layout.interleave(doc["sentences"], [s for _, s in pairs], options.max_images)
-  images = [payloads[r] for r, _ in pairs[:placed]]
-  if placed == 1:
-    if of_layout.single_image_without_text(text):
-      raise BadRecord("image_only_at_end", f"{record_id}: no text follows the only image")
-    if not of_layout.keep_single_image(options.seed, index, options.single_image_keep_prob):
-      raise BadRecord("single_image_dropped", record_id)
-  return {"text": text, "images": images, "id": record_id}
+  options.check_single_image(text, placed, index, record_id)
+  return {"text": text, "images": [payloads[r] for r, _ in pairs[:placed]], "id": record_id}
 
 
 class MMC4Source:
@@ -187,5 +177,5 @@ def make_source(data_config: Any, split: str) -> MMC4Source:
   `sim_threshold`, `min_image_bytes`, `max_images`, `matching`, `single_image_keep_prob`,
   `on_bad_image`, `seed` (all optional, OpenFlamingo's values by default)."""
   return MMC4Source(config_fields.shard_paths(data_config, split, reader="mmc4"),
-                    options_from_config(data_config))
+                    MMC4Options.from_config(data_config))
 

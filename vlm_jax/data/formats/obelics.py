@@ -90,11 +90,7 @@ def build_record(texts: Any, images: Any, *, index: int, record_id: str,
   if not slots:
     raise image_payloads.no_usable_image(problems, record_id)
   text, placed = of_layout.interleave(sentences, slots, options.max_images)
-  if placed == 1:
-    if of_layout.single_image_without_text(text):
-      raise BadRecord("image_only_at_end", f"{record_id}: no text follows the only image")
-    if not of_layout.keep_single_image(options.seed, index, options.single_image_keep_prob):
-      raise BadRecord("single_image_dropped", record_id)
+  options.check_single_image(text, placed, index, record_id)
   return {"text": text, "images": payloads[:placed], "id": record_id}
 
 

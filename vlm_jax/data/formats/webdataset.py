@@ -136,4 +136,4 @@ def make_source(data_config: Any, split: str) -> WebDatasetSource:
   if kind not in KINDS:
     raise ValueError(f"{reader}: config.data.kind={kind!r}; expected one of {KINDS}.")
   return WebDatasetSource(config_fields.shard_paths(data_config, split, reader=reader), kind,
-                          mmc4.options_from_config(data_config, reader=reader))
+                          mmc4.MMC4Options.from_config(data_config, reader))

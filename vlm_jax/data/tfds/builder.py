@@ -354,11 +354,3 @@ def _log_summary(name: str, metadata: dict[str, Any], seconds: float) -> None:
       logging.warning("tfds build %s/%s: skipped %d x %s, e.g. %s", name, split,
                       counts["skipped"][reason], reason, "; ".join(details[:2]))
 
-
-def build_dataset(source: str, data_config: Any, data_dir: str | os.PathLike, *,
-                  overwrite: bool = False, progress: Progress | None = None,
-                  **kwargs: Any) -> RecordsBuilder:
-  """`RecordsBuilder(source, data_config, data_dir, **kwargs).build(...)`; returns the builder."""
-  builder = RecordsBuilder(source, data_config, data_dir, **kwargs)
-  builder.build(overwrite=overwrite, progress=progress)
-  return builder
