@@ -51,24 +51,36 @@ def _expand(pattern: str, reader: str) -> list[str]:
   return matches
 
 
+def split_value(config: Any, name: str, split: str, *, reader: str,
+                single: tuple[type, ...] = (str, os.PathLike)) -> Any:
+  """config.data.<name> for `split`: a mapping {split: value}, or one value (an instance of
+  `single`) that is used for split "train" only (an eval run against it is refused).
+
+  Raises:
+    ValueError: if the field is missing, has no entry for `split`, or is one value and split is not
+      "train".
+  """
+  value = field(config, name, reader=reader)
+  if isinstance(value, single):
+    if split != "train":
+      raise ValueError(
+        f"{reader}: config.data.{name} is not a {{split: ...}} mapping, so it is used for split "
+        f"'train' only; for split {split!r} give a mapping {{'train': ..., {split!r}: ...}}.")
+    return value
+  try:
+    return value[split]  # a mapping (dict or ConfigDict) from split to value
+  except (KeyError, TypeError, AttributeError):
+    raise ValueError(f"{reader}: config.data.{name} has no entry for split {split!r}; give "
+                     f"{{{split!r}: ...}}.") from None
+
+
 def shard_paths(config: Any, split: str, *, reader: str) -> list[str]:
   """The shard files of `split`, in a fixed order (sorted within each glob, list order between).
 
   Raises:
     ValueError: if `paths` is missing, names no file, or has no entry for `split`.
   """
-  paths = field(config, "paths", reader=reader)
-  if not isinstance(paths, (str, os.PathLike, Sequence)):
-    try:
-      paths = paths[split]  # a mapping (dict or ConfigDict) from split to paths
-    except (KeyError, TypeError, AttributeError):
-      raise ValueError(
-        f"{reader}: config.data.paths has no entry for split {split!r}; give "
-        f"{{{split!r}: <glob or list>}}.") from None
-  elif split != "train":
-    raise ValueError(
-      f"{reader}: config.data.paths is a single glob/list, which is used for split 'train' only; "
-      f"for split {split!r} give a mapping {{'train': ..., {split!r}: ...}}.")
+  paths = split_value(config, "paths", split, reader=reader, single=(str, os.PathLike, Sequence))
   patterns = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
   if not patterns:
     raise ValueError(f"{reader}: config.data.paths for split {split!r} is an empty list.")

@@ -39,28 +39,6 @@ ROLES = ("human", "gpt")
 _READER = "llava_json"
 
 
-def _field(config: Any, name: str, default: Any = None) -> Any:
-  return config_fields.field(config, name, default, reader=_READER)
-
-
-def _split_path(config: Any, split: str) -> str:
-  """config.data.path for `split`: a mapping {split: path}, or a single path used for "train" only
-  (evaluating on the training file by accident is refused)."""
-  path = _field(config, "path")
-  if path is None:
-    raise ValueError(f"{_READER}: config.data.path is missing; it names the LLaVA JSON file.")
-  if not isinstance(path, (str, os.PathLike)):
-    try:
-      path = path[split]
-    except (KeyError, TypeError, AttributeError):
-      raise ValueError(f"{_READER}: config.data.path has no entry for split {split!r}; give "
-                       f"{{{split!r}: <file>}}.") from None
-  elif split != "train":
-    raise ValueError(f"{_READER}: config.data.path is a single file, used for split 'train' only; "
-                     f"for split {split!r} give a mapping {{'train': ..., {split!r}: ...}}.")
-  return os.path.expanduser(os.fspath(path))
-
-
 class LlavaJsonSource:
   """Random-access source over one LLaVA-Instruct .json / .jsonl file (a grain data source).
 
@@ -153,7 +131,6 @@ class LlavaJsonSource:
 def make_source(data_config: Any, split: str) -> LlavaJsonSource:
   """The source for `split` from `config.data` fields `path` (a file, or {split: file}) and
   `image_dir` (optional; default the JSON file's folder)."""
-  image_dir = _field(data_config, "image_dir")
-  if image_dir is not None:
-    image_dir = os.path.expanduser(os.fspath(image_dir))
-  return LlavaJsonSource(_split_path(data_config, split), image_dir)
+  image_dir = config_fields.image_dir(data_config, reader=_READER)
+  path = config_fields.split_value(data_config, "path", split, reader=_READER)
+  return LlavaJsonSource(os.path.expanduser(os.fspath(path)), image_dir)
