@@ -176,8 +176,8 @@ def make_mixture(
   data_config: Any,
   *,
   split: str,
-  process_index: int | None = None,
-  process_count: int | None = None,
+  process_index: int,
+  process_count: int,
   batch_size: int | None = None,
   repeat: bool = True,
 ) -> Mixture:
@@ -186,7 +186,8 @@ def make_mixture(
   Args:
     data_config: `config.data` with `mixture` and optionally `mixture_mode`.
     split: "train" or "eval", for every component.
-    process_index, process_count: this process's shard; default to jax's.
+    process_index, process_count: this process's shard (`make_dataset`, the entry point, resolves
+      them).
     batch_size: PER-PROCESS batch size of a "sample" mixture (ignored by "concat", which takes each
       component's own global `batch_size`).
     repeat: as in `make_dataset`; a finite mixture ends when its first component does.
@@ -198,11 +199,6 @@ def make_mixture(
   if mode is None:
     raise ValueError("make_mixture: config.data.mixture is not set.")
   components = _components(data_config)
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top  # Only for the defaults; data needs no jax.
-
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
   weights = {name: float(_get(cfg, "weight", 1.0)) for name, cfg in components.items()}
   make = functools.partial(pipeline.make_dataset, split=split, process_index=process_index,
                            process_count=process_count, repeat=repeat)
