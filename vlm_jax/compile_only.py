@@ -5,7 +5,7 @@
   python -m vlm_jax.main --mode=compile_only --config=configs/flamingo.py:tiny --compile_devices=8 \
     --config.mesh.data=1 --config.mesh.fsdp=8 --device_memory_gb=16 --workdir=/tmp/plan
 
-The real train step (`train.step.make_train_step`, jitted with donated state and the trainer's
+The real train step (`train.trainer.jit_train_step`, jitted with donated state and the trainer's
 output shardings) is lowered and compiled for the config's mesh from abstract values only: the
 state comes from `trainer.build_state` as `ShapeDtypeStruct`s with shardings, the batch from the
 shapes the data config implies (`abstract_batch`). No data is read, no param is allocated,
@@ -50,9 +50,7 @@ from vlm_jax import sharding
 from vlm_jax.data import mixture
 from vlm_jax.models import build_model
 from vlm_jax.train import init as init_lib
-from vlm_jax.train.losses import MixtureLoss, get_loss
-from vlm_jax.train.step import make_train_step
-from vlm_jax.train.trainer import build_state
+from vlm_jax.train.trainer import build_state, jit_train_step, plain_batches
 
 RESULTS_FILE = "compile_only.json"
 GB = 1e9
@@ -217,10 +215,6 @@ def abstract_batch(data_config: Any, batch_size: int) -> dict:
   return widest
 
 
-def _plain_batches(batch: dict) -> list[dict]:
-  return [batch] if "inputs" in batch else list(batch.values())
-
-
 def _key(path) -> str:
   return "/".join(str(getattr(k, "key", k)) for k in path)
 
@@ -238,7 +232,7 @@ def plan(config, devices: list, *, memory_bytes: float | None = None) -> dict:
   rules = sharding.logical_rules(config.get("sharding_rules"))
   data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   batch = abstract_batch(config.data, config.batch_size)
-  for plain in _plain_batches(batch):
+  for plain in plain_batches(batch):
     if plain["labels"].shape[0] % data_shards:
       raise ValueError(f"a batch of {plain['labels'].shape[0]} examples does not split over the "
                        f"data-parallel mesh size config.mesh.data * config.mesh.fsdp = "
@@ -246,7 +240,7 @@ def plan(config, devices: list, *, memory_bytes: float | None = None) -> dict:
   model = build_model(*init_lib.model_config(config))
   # One concrete example row (params do not depend on batch, text length or image count).
   example = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape[1:], x.dtype),
-                         _plain_batches(batch)[0]["inputs"])
+                         plain_batches(batch)[0]["inputs"])
   tx, _, abstract = build_state(config, model, example, mesh, rules)
   fraction = sharding.replicated_fraction(abstract.params, mesh)
   if mesh.shape["fsdp"] > 1:
@@ -255,17 +249,11 @@ def plan(config, devices: list, *, memory_bytes: float | None = None) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
                        batch)
-  repl = sharding.replicated(mesh)
-  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
-  loss_fn = get_loss(config.loss)
-  weights = mixture.loss_weights(config.data)
-  train_loss = MixtureLoss(loss_fn, weights) if weights else loss_fn
-  state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
   t0 = time.perf_counter()
   # Traced under the mesh and the logical rules, so the models' activation constraints apply.
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(make_train_step(model, tx, train_loss), donate_argnums=(0,),
-                   out_shardings=(state_sharding, repl))
+    step = jit_train_step(config, model, tx, abstract, mesh)
     compiled = step.lower(abstract, batch, rng).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()

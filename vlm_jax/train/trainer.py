@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,19 @@ def build_state(config, model, example_inputs: dict, mesh, rules):
   return tx, init_fn, abstract
 
 
+def jit_train_step(config, model, tx, abstract_state: TrainState, mesh) -> Callable:
+  """The run's jitted train step: `config.loss` (per-component weighted for a concat mixture),
+  state donated and kept on its shardings, metrics replicated. Trace it (first call, or `.lower`)
+  under `jax.set_mesh(mesh)` and the logical rules, or the models' activation sharding constraints
+  are dropped from the compiled step."""
+  loss_fn = get_loss(config.loss)
+  weights = mixture.loss_weights(config.data)  # a concat mixture trains on sum_d w_d * loss_d
+  train_loss = MixtureLoss(loss_fn, weights) if weights else loss_fn
+  state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
+  return jax.jit(make_train_step(model, tx, train_loss), donate_argnums=(0,),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)))
+
+
 def _write_json(path: str, obj: Any) -> None:
   """Write atomically (tmp + rename) so a crash never leaves a half-written file."""
   tmp = path + ".tmp"
@@ -68,14 +81,14 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _plain_batches(batch: dict) -> list[dict]:
+def plain_batches(batch: dict) -> list[dict]:
   """A plain batch {"inputs", "labels"}, or the sub-batches of a concat mixture {name: batch}."""
   return [batch] if "inputs" in batch else list(batch.values())
 
 
 def _local_tokens(batch: dict) -> int:
   total = 0
-  for plain in _plain_batches(batch):
+  for plain in plain_batches(batch):
     mask = plain["inputs"].get("attention_mask")
     total += int(np.sum(mask)) if mask is not None else int(np.prod(plain["labels"].shape))
   return total
@@ -108,7 +121,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
   train_ds = make_dataset(config.data, split="train", batch_size=local_batch)
   example = next(iter(train_ds))
   # Params do not depend on text length or image count: any mixture component's shapes will do.
-  example_inputs = jax.tree.map(lambda x: jnp.asarray(x[:1]), _plain_batches(example)[0]["inputs"])
+  example_inputs = jax.tree.map(lambda x: jnp.asarray(x[:1]), plain_batches(example)[0]["inputs"])
   tx, init_fn, abstract_state = build_state(config, model, example_inputs, mesh, rules)
   if mesh.shape["fsdp"] > 1:  # fail before allocating if big params would sit whole on every device
     sharding.check_replication(abstract_state.params, mesh,
@@ -129,15 +142,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
     state = init_fn(jax.random.PRNGKey(config.seed))
     state = init_lib.load_initial_weights(config, workdir, state, abstract_state)
 
-  loss_fn = get_loss(config.loss)
-  weights = mixture.loss_weights(config.data)  # a concat mixture trains on sum_d w_d * loss_d
-  train_loss = MixtureLoss(loss_fn, weights) if weights else loss_fn
-  state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
-  repl = sharding.replicated(mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    p_step = jax.jit(make_train_step(model, tx, train_loss), donate_argnums=(0,),
-                     out_shardings=(state_sharding, repl))
-  evaluators = build_evaluators(config, model, mesh, rules, loss_fn)
+  p_step = jit_train_step(config, model, tx, abstract_state, mesh)
+  evaluators = build_evaluators(config, model, mesh, rules, get_loss(config.loss))
   schedule = learning_rate_schedule(config.optimizer)
   logger = MetricLogger(workdir, config.total_steps, prefix=f"[{stage}] ")
   base_rng = jax.random.PRNGKey(config.seed + 1)
