@@ -41,16 +41,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def mid_config(global_batch: int, num_devices: int):
   """benchmarks/train_step.py's MID Flamingo (~107M params), FSDP over `num_devices`."""
-  from train_step import MID  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
 
-  from vlm_jax.config_base import load_config  # pylint: disable=g-import-not-at-top
-
-  config = load_config(os.path.join(ROOT, "configs", "flamingo.py"))
-  config.init.stage = None
-  for part in ("lm", "vision", "resampler", "xattn"):
-    config.model[part].update(MID[part])
-  config.model.cross_attn_every_n_layers = MID["cross_attn_every_n_layers"]
-  config.data.max_text_len, config.data.image_size = MID["text_len"], MID["vision"]["image_size"]
+  config = train_step.mid_config()
   config.batch_size = global_batch
   config.mesh.update(data=1, fsdp=num_devices, tensor=1)
   return config
@@ -59,16 +52,12 @@ def mid_config(global_batch: int, num_devices: int):
 def worker(num_devices: int, global_batch: int, steps: int) -> dict:
   """One device count, in a process whose XLA_FLAGS gave it `num_devices` CPU devices."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
 
   from vlm_jax import compile_only, sharding  # pylint: disable=g-import-not-at-top
-  from vlm_jax.data import tokenizer as tok  # pylint: disable=g-import-not-at-top
   from vlm_jax.models import build_model  # pylint: disable=g-import-not-at-top
-  from vlm_jax.train.losses import get_loss  # pylint: disable=g-import-not-at-top
-  from vlm_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
-  from vlm_jax.train.trainer import build_state  # pylint: disable=g-import-not-at-top
+  from vlm_jax.train.trainer import jit_train_step  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_threefry_partitionable", True)
   assert jax.device_count() == num_devices, (jax.device_count(), num_devices)
@@ -79,25 +68,13 @@ def worker(num_devices: int, global_batch: int, steps: int) -> dict:
   rules = sharding.logical_rules(None)
   model = build_model(config.model_name, config.model)
   b, t = config.batch_size, config.data.max_text_len
-  ti, s = config.data.max_images, config.data.image_size
-  rng = np.random.default_rng(0)
-  vocab = min(config.model.lm.vocab_size, tok.synthetic_vocab_size())
-  ids = rng.integers(5, vocab, (b, t)).astype(np.int32)
-  ids[:, [0, t // 3, 2 * t // 3]] = tok.MEDIA_ID  # three images per row
-  batch = {"inputs": {"vision_x": rng.normal(size=(b, ti, s, s, 3)).astype(np.float32),
-                      "input_ids": ids, "attention_mask": np.ones((b, t), np.int32)},
-           "labels": ids}
-  example = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch["inputs"])
-  tx, init_fn, abstract = build_state(config, model, example, mesh, rules)
-  state = init_fn(jax.random.PRNGKey(0))
-  state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
+  batch = train_step.random_batch(config)
+  tx, abstract, state = train_step.init_state(config, model, batch, mesh, rules)
   key = jax.random.PRNGKey(1)
   gbatch = sharding.global_batch(batch, mesh)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(make_train_step(model, tx, get_loss(config.loss)), donate_argnums=(0,),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)))
-    compiled = step.lower(state, gbatch, key).compile()
+    compiled = jit_train_step(config, model, tx, abstract, mesh).lower(state, gbatch, key).compile()
   compile_s = time.perf_counter() - t0
   step_s, min_s, m = time_steps(compiled, state, gbatch, key, steps=steps, warmup=1)
   per_device = memory["per_device_bytes"]

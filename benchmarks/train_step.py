@@ -62,38 +62,56 @@ def openflamingo_config(name: str, batch: int, remat: str, shrink: bool):
   return config
 
 
+def mid_config():
+  """The default Flamingo config with the MID sizes (no earlier stage)."""
+  config = load_config(os.path.join(ROOT, "configs", "flamingo.py"))
+  config.init.stage = None
+  for part in ("lm", "vision", "resampler", "xattn"):
+    config.model[part].update(MID[part])
+  config.model.cross_attn_every_n_layers = MID["cross_attn_every_n_layers"]
+  config.batch_size, config.data.max_text_len = MID["batch"], MID["text_len"]
+  config.data.image_size = MID["vision"]["image_size"]
+  return config
+
+
+def random_batch(config) -> dict:
+  """A random Flamingo batch of `config`'s shapes (numpy), every image slot used."""
+  b, t = config.batch_size, config.data.max_text_len
+  ti, s = config.data.max_images, config.data.image_size
+  rng = np.random.default_rng(0)
+  vocab = min(config.model.lm.vocab_size, tok.synthetic_vocab_size())
+  ids = rng.integers(5, vocab, (b, t)).astype(np.int32)
+  ids[:, np.linspace(0, t, ti, endpoint=False).astype(int)] = config.model.media_token_id
+  return {"inputs": {"vision_x": rng.normal(size=(b, ti, s, s, 3)).astype(np.float32),
+                     "input_ids": ids, "attention_mask": np.ones((b, t), np.int32)},
+          "labels": ids}
+
+
+def init_state(config, model, batch: dict, mesh, rules):
+  """The trainer's state for `config` on `mesh` -> (tx, abstract state, initialised state)."""
+  example = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch["inputs"])
+  tx, init_fn, abstract = build_state(config, model, example, mesh, rules)
+  return tx, abstract, init_fn(jax.random.PRNGKey(0))
+
+
 def bench_config(name: str, dtype: str, steps: int, batch: int = 0, remat: str = "full",
                  shrink: bool = False) -> dict:
   if name.startswith("of"):
     config = openflamingo_config(name, batch or 4, remat, shrink)
+  elif name == "mid":
+    config = mid_config()
   else:
     config = load_config(os.path.join(ROOT, "configs", "flamingo.py"),
                          "tiny" if name == "tiny" else None)
   config.init.stage = None
-  if name == "mid":
-    config.model.lm.update(MID["lm"])
-    config.model.vision.update(MID["vision"])
-    config.model.resampler.update(MID["resampler"])
-    config.model.xattn.update(MID["xattn"])
-    config.model.cross_attn_every_n_layers = MID["cross_attn_every_n_layers"]
-    config.batch_size, config.data.max_text_len = MID["batch"], MID["text_len"]
-    config.data.image_size = MID["vision"]["image_size"]
   config.model.dtype = dtype
   config.frozen_param_dtype = "" if dtype == "float32" else dtype
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(None)
   model = build_model(config.model_name, config.model)
   b, t, ti, s = config.batch_size, config.data.max_text_len, config.data.max_images, config.data.image_size
-  rng = np.random.default_rng(0)
-  media_id = config.model.media_token_id
-  ids = rng.integers(5, min(config.model.lm.vocab_size, tok.synthetic_vocab_size()), (b, t)).astype(np.int32)
-  ids[:, np.linspace(0, t, ti, endpoint=False).astype(int)] = media_id  # every image slot used
-  batch = {"inputs": {"vision_x": rng.normal(size=(b, ti, s, s, 3)).astype(np.float32),
-                      "input_ids": ids, "attention_mask": np.ones((b, t), np.int32)},
-           "labels": ids}
-  example = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch["inputs"])
-  tx, init_fn, abstract = build_state(config, model, example, mesh, rules)
-  state = init_fn(jax.random.PRNGKey(0))
+  batch = random_batch(config)
+  tx, abstract, state = init_state(config, model, batch, mesh, rules)
   n_params = sum(x.size for x in jax.tree.leaves(abstract.trainable)) + sum(
     x.size for x in jax.tree.leaves(abstract.frozen))
   n_trainable = sum(x.size for x in jax.tree.leaves(abstract.trainable))
