@@ -108,3 +108,11 @@ def test_last_logits_only_is_the_last_row_without_the_full_vocab_matmul(setup):
   b, t = ids.shape
   head = 2 * b * (t - 1) * LM["hidden_size"] * LM["vocab_size"]
   assert flops(False) - flops(True) >= head
+
+
+def test_vit_normalises_uint8_with_the_data_pipelines_clip_statistics():
+  """The ViT keeps its own copy of CLIP's mean/std (models do not import data code): they must
+  stay the ones the float pipeline normalises with."""
+  from vlm_jax.data import images
+  from vlm_jax.models import vit
+  assert vit.CLIP_MEAN == images.CLIP_MEAN and vit.CLIP_STD == images.CLIP_STD

@@ -17,3 +17,9 @@ def model_class(name: str, field: str = "config.model_name") -> type[nn.Module]:
 def build_model(name: str, kwargs) -> nn.Module:
   """`config.model_name` + `config.model` -> a linen Module."""
   return model_class(name)(**dict(kwargs))
+
+
+def lm_spec(family: str, kwargs) -> nn.Module:
+  """The LM a composed model (Flamingo, LLaVA) would build from `model.lm_family` / `model.lm`, as
+  an unbound module (parent=None: no submodule is made) for reading its fields and layouts."""
+  return model_class(family, "model.lm_family")(parent=None, **dict(kwargs or {}))

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from vlm_jax.layers.gated_xattn import GatedCrossAttentionBlock, media_text_time
 from vlm_jax.layers.resampler import PerceiverResampler
 from vlm_jax.layers.scan import remat_call
-from vlm_jax.models import llama, model_class, vit
+from vlm_jax.models import llama, lm_spec, model_class, vit
 from vlm_jax.param_paths import LayerStack
 
 Dtype = Any
@@ -86,7 +86,7 @@ class Model(nn.Module):
     if self.vision_tokens not in ("pre_ln_post", "post_ln_post"):
       raise ValueError(f"model.vision_tokens must be 'pre_ln_post' or 'post_ln_post', "
                        f"got {self.vision_tokens!r}")
-    lm = model_class(self.lm_family, "model.lm_family")(parent=None, **dict(self.lm or {}))
+    lm = lm_spec(self.lm_family, self.lm)
     every = self.cross_attn_every_n_layers
     if lm.scan_layers and (every < 1 or lm.num_layers % every):
       raise ValueError(f"model.lm.scan_layers scans groups of model.cross_attn_every_n_layers "
@@ -98,7 +98,7 @@ class Model(nn.Module):
   def layer_stacks(self) -> tuple[LayerStack, ...]:
     """The scanned stacks of this model's param layout (vision, LM and xattn; none by default)."""
     lm_cfg = dict(self.lm or {})
-    lm = model_class(self.lm_family, "model.lm_family")(parent=None, **lm_cfg)
+    lm = lm_spec(self.lm_family, lm_cfg)
     out = [s.prefixed("vision/") for s in vit.Model(parent=None, **dict(self.vision or {}))
            .layer_stacks()]
     out += [s.prefixed("lm/") for s in lm.layer_stacks()]
@@ -111,7 +111,7 @@ class Model(nn.Module):
   def init_caches(self, batch: int, max_len: int, dtype=None):
     """The LM's empty KV caches for decoding (`llama.Model.init_caches`); dtype defaults to the
     compute dtype."""
-    lm = model_class(self.lm_family, "model.lm_family")(parent=None, **dict(self.lm or {}))
+    lm = lm_spec(self.lm_family, self.lm)
     return lm.init_caches(batch, max_len, self.dtype if dtype is None else dtype)
 
   @nn.compact

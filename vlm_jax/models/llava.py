@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.layers.mlp import Mlp, activation
-from vlm_jax.models import model_class, vit
+from vlm_jax.models import lm_spec, model_class, vit
 from vlm_jax.param_paths import LayerStack
 
 Dtype = Any
@@ -102,7 +102,7 @@ class Model(nn.Module):
   @nn.nowrap
   def layer_stacks(self) -> tuple[LayerStack, ...]:
     """The scanned stacks of this model's param layout (none unless a tower scans its layers)."""
-    lm = model_class(self.lm_family, "model.lm_family")(parent=None, **dict(self.lm or {}))
+    lm = lm_spec(self.lm_family, self.lm)
     vision = vit.Model(parent=None, **dict(self.vision or {}))
     return tuple([s.prefixed("vision/") for s in vision.layer_stacks()]
                  + [s.prefixed("lm/") for s in lm.layer_stacks()])
@@ -111,7 +111,7 @@ class Model(nn.Module):
   def init_caches(self, batch: int, max_len: int, dtype=None):
     """The LM's empty KV caches for decoding (`llama.Model.init_caches`); dtype defaults to the
     compute dtype."""
-    lm = model_class(self.lm_family, "model.lm_family")(parent=None, **dict(self.lm or {}))
+    lm = lm_spec(self.lm_family, self.lm)
     return lm.init_caches(batch, max_len, self.dtype if dtype is None else dtype)
 
   def _select(self, hidden_states: Sequence[jax.Array]) -> jax.Array:
