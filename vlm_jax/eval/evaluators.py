@@ -32,6 +32,8 @@ from vlm_jax.data.interleaved import encode_prompt
 from vlm_jax.data.pipeline import make_dataset
 from vlm_jax.data.synthetic import SyntheticSource
 from vlm_jax.data.tokenizer import load_tokenizer
+from vlm_jax.eval.generate import place_full
+from vlm_jax.eval.inputs import pad_rows
 from vlm_jax.param_paths import flatten, matching, unflatten
 
 
@@ -47,21 +49,6 @@ def zero_matching(params: Any, regex: str | None) -> Any:
   # jit.
   return unflatten({k: (jnp.zeros_like(v, device=getattr(v, "sharding", None)) if k in hits else v)
                     for k, v in flat.items()})
-
-
-def _pad_batch(arrays: list[np.ndarray], size: int) -> np.ndarray:
-  """Stack and pad to `size` rows by repeating the last row (its result is discarded)."""
-  out = np.stack(arrays)
-  if len(out) < size:
-    out = np.concatenate([out, np.repeat(out[-1:], size - len(out), 0)])
-  return out
-
-
-def _from_full(x: np.ndarray, mesh) -> jax.Array:
-  """A batch every process holds in full -> a global array split over the batch axes of `mesh`; each
-  process supplies just its own devices' rows (`sharding.global_batch` would instead take each
-  process's array as its share and stack them)."""
-  return jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh), lambda idx: x[idx])
 
 
 class SyntheticVQA:
@@ -107,16 +94,11 @@ class SyntheticVQA:
     preds = []
     for s in range(0, n, bs):
       sl = slice(s, min(n, s + bs))
-      full = {
-        "vision_x": _pad_batch(list(self.images[sl]), bs),
-        "input_ids": _pad_batch(list(self.ids[sl]), bs),
-        "attention_mask": _pad_batch(list((self.ids[sl] != 0).astype(np.int32)), bs),
-        "last": _pad_batch(list(self.lengths[sl] - 1), bs),
-      }
-      batch = {k: _from_full(v, self.mesh) for k, v in full.items()}
+      # The whole (padded) batch on every process; each feeds only its own devices' rows.
+      batch = [place_full(pad_rows(x, bs), self.mesh) for x in (
+        self.images[sl], self.ids[sl], (self.ids[sl] != 0).astype(np.int32), self.lengths[sl] - 1)]
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self._rules):
-        out = self._predict(params, batch["vision_x"], batch["input_ids"], batch["attention_mask"],
-                            batch["last"])
+        out = self._predict(params, *batch)
       preds.append(np.asarray(jax.device_get(out))[: sl.stop - sl.start])
     correct = np.concatenate(preds) == self.answers
     res = {f"eval/accuracy{self.suffix}": float(correct.mean())}

@@ -45,7 +45,8 @@ import numpy as np
 from vlm_jax import converted, sharding
 from vlm_jax.data import tokenizer as tok_lib
 from vlm_jax.data.special_tokens import EOC_TOKEN, MEDIA_TOKEN, PAD_TOKEN
-from vlm_jax.eval import inputs, prompts, rices as rices_lib, scoring
+from vlm_jax.eval import inputs, metrics, prompts, rices as rices_lib, scoring
+from vlm_jax.eval.generate import generate
 from vlm_jax.eval.tasks import Task, build_task
 
 SYNTHETIC_TASKS = {
@@ -127,16 +128,6 @@ class Progress:
                    self.total, rate, eta // 60, eta % 60)
 
 
-def _metrics_module():
-  from vlm_jax.eval import metrics  # pylint: disable=g-import-not-at-top  (written concurrently)
-  return metrics
-
-
-def _generate_fn():
-  from vlm_jax.eval.generate import generate  # pylint: disable=g-import-not-at-top
-  return generate
-
-
 class Runner:
   """Evaluates a Flamingo `model` (params passed to `evaluate`) on the tasks of `cfg` (`settings`).
 
@@ -159,21 +150,15 @@ class Runner:
       raise ValueError(f"model.media_token_id={model_media} but tokenizer {tokenizer_spec!r} gives "
                        f"<image> the id {self.ids['media']}")
     self.tasks = {name: build_task(name, t, image_size) for name, t in cfg["tasks"].items()}
-    shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
     self.batch = inputs.bucket(int(cfg["batch_size"]), shards)
     self.loader = inputs.ImageLoader(image_size, int(cfg["image_cache"]), int(cfg["num_threads"]))
-    self.scorer = scoring.Scorer(model, mesh, rules, self._put,
+    self.scorer = scoring.Scorer(model, mesh, rules,
                                  inputs.bucket(int(cfg["classification_rows"]), shards))
     self._rices: dict[tuple, rices_lib.Rices] = {}   # (task, encoder digest) -> retriever
     self._clip: dict[str, Any] = {}                   # rices_vision directory -> params
     self._class_ids = {name: scoring.class_token_ids(self.tokenizer, t.class_names)
                        for name, t in self.tasks.items() if t.kind == "classification"}
-
-  def _put(self, x: np.ndarray) -> jax.Array:
-    """A batch every process holds in full -> a global array split over the mesh's batch axes."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding.batch_sharding(self.mesh),
-                                        lambda idx: x[idx])
 
   # ------------------------------------------------------------------------------------------------
 
@@ -232,7 +217,7 @@ class Runner:
       q_recs = [task.test[i] for i in q_idx]
       q_imgs = self.loader.load(q_recs, [(task.name, "test", i) for i in q_idx], task.name)
       if use_rices:
-        batch_demos = retriever.find(inputs.pad_rows(np.stack(q_imgs), self.batch), k)[:len(q_idx)]
+        batch_demos = retriever.find(np.stack(q_imgs), k, batch_size=self.batch)
       else:
         batch_demos = demos[s:s + self.batch]
       texts, images = [], []
@@ -265,7 +250,7 @@ class Runner:
 
   def _generate(self, params, task: Task, texts, images, num_shots) -> list[str]:
     input_ids, mask, vision_x = self._batch_inputs(texts, images, num_shots)
-    out = _generate_fn()(
+    out = generate(
       self.model, params, input_ids, mask, max_new_tokens=task.max_new_tokens,
       num_beams=int(self.cfg["num_beams"]), length_penalty=float(self.cfg["length_penalty"]),
       min_new_tokens=0, stop_token_ids=(self.ids["endofchunk"],), pad_token_id=self.ids["pad"],
@@ -279,7 +264,6 @@ class Runner:
                              self.ids["pad"])[:len(texts)]
 
   def _metric(self, task: Task, records, predictions, scores) -> float:
-    metrics = _metrics_module()
     if task.kind == "classification":
       logprobs = np.concatenate(scores)  # [N, K]
       labels = [int(r["label"]) for r in records]
@@ -292,7 +276,7 @@ class Runner:
         return float(metrics.roc_auc(labels, [float(x) for x in p]))
       return float(metrics.top1_accuracy([int(x) for x in logprobs.argmax(-1)], labels))
     if task.postprocess == "caption":
-      preds = [metrics.postprocess_caption(p).replace('"', "") for p in predictions]
+      preds = [metrics.postprocess_caption(p) for p in predictions]
       return float(metrics.cider(preds, [list(r["references"]) for r in records]))
     post = metrics.postprocess_ok_vqa if task.postprocess == "ok_vqa" else metrics.postprocess_vqa
     return float(metrics.vqa_accuracy([post(p) for p in predictions],

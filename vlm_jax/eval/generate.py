@@ -53,7 +53,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax import sharding
 from vlm_jax.layers.attention import KVCache
@@ -110,7 +109,7 @@ class _ModelKey:
 # Model adapters: prefill the prompt into the caches, then decode one token per call.
 
 
-def _map_rows(fn: Callable[[jax.Array, int], jax.Array], caches: Any) -> Any:
+def map_cache_rows(fn: Callable[[jax.Array, int], jax.Array], caches: Any) -> Any:
   """fn(array, batch_axis) over the k/v buffers of every KVCache in `caches` (per layer [B, S, K, D]
   or stacked [L, B, S, K, D]); the write indices are shared by all rows and stay."""
   def one(c):
@@ -360,14 +359,19 @@ def _beam(adapter, opts, params, logits, caches, extra, mask, first_pos, rng):
 
   def body(carry):
     i, s, caches = carry
-    caches = _map_rows(lambda a, axis: jnp.take(a, (rows + s["src"]).reshape(-1), axis=axis),
-                       caches)
+    src = (rows + s["src"]).reshape(-1)
+    caches = map_cache_rows(lambda a, axis: jnp.take(a, src, axis=axis), caches)
     tok = s["running_seqs"][:, :, i - 1].reshape(-1, 1)
     logits, caches = adapter.step(params, tok, mask, (first_pos + i - 1)[:, None], caches, extra)
     return i + 1, select(s, logits, i), caches
 
   _, state, _ = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.int32), state, caches))
   return state["seqs"][:, 0]
+
+
+def padded_positions(mask: jax.Array) -> jax.Array:
+  """HF's position ids of left-padded rows: cumsum(mask) - 1, 0 on the padding.  int[B, T]."""
+  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("key", "opts", "mesh", "rules"))
@@ -383,7 +387,7 @@ def _generate_jit(key: _ModelKey, opts: DecodeOptions, mesh, rules, params, inpu
   prompt_mask = attention_mask.astype(jnp.int32)
   # The mask over the whole cache [B, T + N - 1]: the new tokens are all real.
   mask = jnp.concatenate([prompt_mask, jnp.ones((b, n - 1), jnp.int32)], axis=1)
-  positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)  # HF's position ids
+  positions = padded_positions(prompt_mask)
   first_pos = prompt_mask.sum(-1)  # the first new token's position per row
   caches = adapter.init_caches(b, t + n - 1)
   logits, caches, extra = adapter.prefill(params, input_ids, mask, positions, caches, inputs)
@@ -391,17 +395,19 @@ def _generate_jit(key: _ModelKey, opts: DecodeOptions, mesh, rules, params, inpu
     out = _greedy(adapter, opts, params, logits, caches, extra, mask, first_pos, rng)
   else:
     rep = functools.partial(jnp.repeat, repeats=k, axis=0)
-    caches = _map_rows(lambda a, axis: jnp.repeat(a, k, axis=axis), caches)
+    caches = map_cache_rows(lambda a, axis: jnp.repeat(a, k, axis=axis), caches)
     out = _beam(adapter, opts, params, rep(logits), caches, adapter.repeat_extra(extra, k),
                 rep(mask), rep(first_pos), rng)
   if mesh is not None:  # every process can read the (small) result
-    out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
+    out = jax.lax.with_sharding_constraint(out, sharding.replicated(mesh))
   return out
 
 
-def _place(x: Any, mesh) -> Any:
+def place_full(x: Any, mesh) -> Any:
   """A host or single-device array every process holds in full -> a global array whose leading
-  (batch) axis is split over the data-parallel mesh axes when it divides, else replicated."""
+  (batch) axis is split over the data-parallel mesh axes when it divides, else replicated; each
+  process supplies just its own devices' rows (`sharding.global_batch` instead takes each process's
+  array as its share). Already-global arrays pass through."""
   if x is None or (isinstance(x, jax.Array) and not x.is_fully_addressable):
     return x
   x = np.asarray(x)
@@ -471,6 +477,6 @@ def generate(
                          jnp.asarray(attention_mask, jnp.int32), rng, model_inputs)
   rules = sharding.logical_rules(rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    ids, am = _place(input_ids, mesh), _place(attention_mask, mesh)
-    inputs = {name: _place(v, mesh) for name, v in model_inputs.items()}
+    ids, am = place_full(input_ids, mesh), place_full(attention_mask, mesh)
+    inputs = {name: place_full(v, mesh) for name, v in model_inputs.items()}
     return _generate_jit(key, opts, mesh, rules, params, ids, am, rng, inputs)

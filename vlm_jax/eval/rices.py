@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.eval.inputs import pad_rows
 from vlm_jax.models import vit
 from vlm_jax.param_paths import flatten
 
@@ -68,11 +69,10 @@ class Rices:
     num_candidates: size of the train split.
     batch_size: images embedded per call.
     cache_path: .npy file for the candidates' features (read if present with the right shape).
-    progress: optional callable(done, total) for long embeddings.
   """
 
   def __init__(self, encode, load_images, num_candidates: int, batch_size: int,
-               cache_path: str | None = None, progress=None):
+               cache_path: str | None = None):
     self.encode = encode
     features = None
     if cache_path and os.path.exists(cache_path):
@@ -88,8 +88,6 @@ class Rices:
       for s in range(0, num_candidates, batch_size):
         idx = np.arange(s, min(num_candidates, s + batch_size))
         chunks.append(self._embed(load_images(idx), batch_size))
-        if progress is not None:
-          progress(int(idx[-1]) + 1, num_candidates)
       features = np.concatenate(chunks)
       if cache_path and jax.process_index() == 0:  # every process has the same features
         os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
@@ -100,10 +98,7 @@ class Rices:
 
   def _embed(self, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Embeds up to `batch_size` images, padded to that many rows (one compiled shape)."""
-    n = len(images)
-    if n < batch_size:
-      images = np.concatenate([images, np.repeat(images[-1:], batch_size - n, 0)])
-    return np.asarray(self.encode(images))[:n]
+    return np.asarray(self.encode(pad_rows(images, batch_size)))[:len(images)]
 
   def find(self, query_images: np.ndarray, k: int, batch_size: int | None = None
            ) -> list[list[int]]:

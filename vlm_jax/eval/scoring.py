@@ -14,6 +14,8 @@ pass per (example, class) (tested).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,7 @@ from flax import linen as nn
 
 from vlm_jax import sharding
 from vlm_jax.eval import inputs
-from vlm_jax.layers.attention import KVCache
+from vlm_jax.eval.generate import map_cache_rows, padded_positions, place_full
 
 
 def class_token_ids(tokenizer, class_names) -> list[list[int]]:
@@ -32,14 +34,11 @@ def class_token_ids(tokenizer, class_names) -> list[list[int]]:
   return ids
 
 
-def _take_rows(tree, rows: jax.Array, batch_axis_from_end: int):
-  """Rows `rows` of every array in `tree` along its batch axis (ndim - batch_axis_from_end); a
-  KVCache keeps its (shared) write index."""
-  def one(x):
-    if isinstance(x, KVCache):
-      return KVCache(_take_rows(x.k, rows, 4), _take_rows(x.v, rows, 4), x.index)
-    return jnp.take(x, rows, axis=x.ndim - batch_axis_from_end)
-  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, KVCache))
+def _take_rows(state_caches, media_kv, rows: jax.Array):
+  """Rows `rows` of the prefill's KV caches (batch axis ndim - 4; write indices shared) and media
+  keys/values (MediaKV leaves [.., B, T_img, R, H, D])."""
+  caches = map_cache_rows(lambda a, axis: jnp.take(a, rows, axis=axis), state_caches)
+  return caches, jax.tree.map(lambda a: jnp.take(a, rows, axis=a.ndim - 5), media_kv)
 
 
 def make_scorers(model, class_len: int):
@@ -54,7 +53,7 @@ def make_scorers(model, class_len: int):
   def prefill(params, vision_x, ids, mask):
     b, length = ids.shape
     full_mask = jnp.concatenate([mask, jnp.ones((b, class_len), mask.dtype)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    positions = padded_positions(mask)
     caches = model.init_caches(b, length + class_len)
     logits, aux = model.apply({"params": params}, vision_x, ids, full_mask, positions=positions,
                               caches=caches, last_logits_only=True)
@@ -65,8 +64,7 @@ def make_scorers(model, class_len: int):
 
   def continue_rows(params, state, rows, targets, target_mask):
     c = targets.shape[1]
-    caches = _take_rows(state["caches"], rows, 4)         # [.., R, S, K, D]
-    media_kv = _take_rows(state["media_kv"], rows, 5)     # [.., R, T_img, R_lat, H, D]
+    caches, media_kv = _take_rows(state["caches"], state["media_kv"], rows)
     mask = jnp.concatenate([state["mask"][rows], target_mask.astype(state["mask"].dtype)], axis=1)
     positions = state["mask"][rows].sum(-1, keepdims=True) + jnp.arange(c)[None]
     # Class tokens hold no <image>: they attend to the prompt's last image (its text_time).
@@ -89,14 +87,14 @@ class Scorer:
 
   Args:
     model: the Flamingo Module.
-    mesh, rules: where params live; inputs are split over the batch axes.
-    put: numpy array (every process holds all rows) -> global jax.Array split over the batch axes.
+    mesh, rules: where params live; inputs (every process holds all rows) are split over the batch
+      axes (`vlm_jax.eval.generate.place_full`).
     rows_per_call: (example, class) rows per call for multi-token names (a multiple of the data
       shards).
   """
 
-  def __init__(self, model, mesh, rules, put, rows_per_call: int):
-    self.model, self.mesh, self.rules, self.put, self.rows = model, mesh, rules, put, rows_per_call
+  def __init__(self, model, mesh, rules, rows_per_call: int):
+    self.model, self.mesh, self.rules, self.rows = model, mesh, rules, rows_per_call
     self._fns: dict[int, tuple] = {}
 
   def _jitted(self, class_len: int):
@@ -124,7 +122,8 @@ class Scorer:
     c = max(len(x) for x in class_ids)
     prefill, cont = self._jitted(c)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      first, state = prefill(params, self.put(vision_x), self.put(ids), self.put(mask))
+      put = functools.partial(place_full, mesh=self.mesh)
+      first, state = prefill(params, put(vision_x), put(ids), put(mask))
       if c == 1:  # every class name is one token: the prompt's next-token distribution is all
         first = np.asarray(jax.device_get(first))
         return first[:, [x[0] for x in class_ids]]
@@ -136,7 +135,6 @@ class Scorer:
         rows = np.arange(s, min(b * k, s + self.rows))
         ex = inputs.pad_rows(row_example[rows], self.rows)
         cl = inputs.pad_rows(row_class[rows], self.rows)
-        res = cont(params, state, self.put(ex.astype(np.int32)), self.put(targets[cl]),
-                   self.put(target_mask[cl]))
+        res = cont(params, state, put(ex.astype(np.int32)), put(targets[cl]), put(target_mask[cl]))
         out[rows] = np.asarray(jax.device_get(res))[:len(rows)]
     return out.reshape(b, k)
