@@ -20,11 +20,11 @@ The argument is `preset[,task,...]`. The model, data and training fields are tho
   paper's three trials); a task list after the preset keeps only those. Every file path is a required
   field (see `vlm_jax/eval/tasks.py` for what each file holds); an unset one fails naming it.
 
-`config.fewshot` fields (defaults in `vlm_jax.eval.fewshot.DEFAULTS`): tasks, shots, trial_seeds,
-query_set_size (2048), num_samples (-1 = whole test split), batch_size (8), rices (False), rices_vision
-("" = the model's own vision tower, else a converted CLIP dir), rices_projection, num_beams (3),
-length_penalty (0.0), max_prompt_tokens (2000), length_bucket, classification_rows, image_cache,
-num_threads, log_every_sec.
+`config.fewshot` holds every field of `vlm_jax.eval.fewshot.DEFAULTS` (their defaults, but tasks,
+shots and trial_seeds): tasks, shots, trial_seeds, query_set_size (2048), num_samples (-1 = whole test
+split), batch_size (8), rices (False), rices_vision ("" = the model's own vision tower, else a
+converted CLIP dir), rices_projection, num_beams (3), length_penalty (0.0), max_prompt_tokens (2000),
+length_bucket, classification_rows, image_cache, num_threads, log_every_sec.
 """
 
 import os
@@ -33,6 +33,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from vlm_jax.config_base import check_preset, load_config
+from vlm_jax.eval import fewshot
 
 _FLAMINGO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flamingo.py")
 SYNTHETIC_PRESETS = ("default", "tiny")
@@ -58,16 +59,19 @@ def _synthetic_tasks(num_train: int, num_test: int) -> dict:
           for name in ("synthetic_caption", "synthetic_vqa", "synthetic_classification")}
 
 
+def _protocol(tasks: dict, **fields) -> ml_collections.ConfigDict:
+  """Every field of `fewshot.DEFAULTS` (so each can be set with --config.fewshot.<field>), `fields`
+  over them."""
+  return ml_collections.ConfigDict({**fewshot.DEFAULTS, "tasks": tasks, **fields})
+
+
 def _fewshot(preset: str, tasks: list[str]) -> ml_collections.ConfigDict:
   if preset in SYNTHETIC_PRESETS:
     if tasks:
       raise ValueError(f"configs/eval_flamingo.py: preset {preset!r} takes no task list")
     tiny = preset == "tiny"
-    return ml_collections.ConfigDict(dict(
-      tasks=_synthetic_tasks(64 if tiny else 512, 8 if tiny else 128),
-      shots=[0, 4] if tiny else [0, 4, 8], trial_seeds=[0, 1] if tiny else [0, 1, 2],
-      query_set_size=2048, num_samples=-1, batch_size=8, rices=False, num_beams=3,
-      length_penalty=0.0, max_prompt_tokens=2000))
+    return _protocol(_synthetic_tasks(64 if tiny else 512, 8 if tiny else 128),
+                     shots=[0, 4] if tiny else [0, 4, 8], trial_seeds=[0, 1] if tiny else [0, 1, 2])
   unknown = sorted(set(tasks) - set(OF_TASKS))
   if unknown:
     raise ValueError(f"configs/eval_flamingo.py: unknown tasks {unknown}; expected some of "
@@ -76,10 +80,7 @@ def _fewshot(preset: str, tasks: list[str]) -> ml_collections.ConfigDict:
   for name in tasks or OF_TASKS:
     dataset, files = OF_TASKS[name]
     chosen[name] = {"dataset": dataset, **{f: placeholder(str) for f in files}}
-  return ml_collections.ConfigDict(dict(
-    tasks=chosen, shots=[0, 4, 8, 16, 32], trial_seeds=[42, 43, 44], query_set_size=2048,
-    num_samples=-1, batch_size=8, rices=False, rices_vision="", num_beams=3, length_penalty=0.0,
-    max_prompt_tokens=2000))
+  return _protocol(chosen, shots=[0, 4, 8, 16, 32], trial_seeds=[42, 43, 44])
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
