@@ -48,6 +48,7 @@ def run(config, checkpoint: str | None, images: list[str], prompt: str, **decode
   from vlm_jax.data.special_tokens import MEDIA_TOKEN  # pylint: disable=g-import-not-at-top
   from vlm_jax.eval.fewshot import special_ids  # pylint: disable=g-import-not-at-top
   from vlm_jax.eval.generate import generate  # pylint: disable=g-import-not-at-top
+  from vlm_jax.eval.inputs import stack_vision  # pylint: disable=g-import-not-at-top
   from vlm_jax.train import restore  # pylint: disable=g-import-not-at-top
 
   if prompt.count(MEDIA_TOKEN) != len(images):
@@ -60,15 +61,13 @@ def run(config, checkpoint: str | None, images: list[str], prompt: str, **decode
   size = int(dict(model.vision or {}).get("image_size", 224))
   tok, ids = special_ids(config.data.tokenizer)
   pixels = []
-  for path in images or []:
+  for path in images:
     try:
       pixels.append(clip_preprocess(decode_image(path), size, normalize=False))
     except BadRecord as e:
       raise ValueError(f"--image {path}: {e}") from None
   # At least one image slot: a text-only prompt attends to none (its text_time stays 0).
-  vision_x = np.zeros((1, max(1, len(pixels)), size, size, 3), np.uint8)
-  for i, p in enumerate(pixels):
-    vision_x[0, i] = p
+  vision_x = stack_vision([pixels], max(1, len(pixels)), size)
   input_ids = np.asarray([tok.encode(prompt, add_special_tokens=True).ids], np.int32)
   out = generate(model, loaded.params, input_ids, np.ones_like(input_ids),
                  stop_token_ids=(ids["endofchunk"],), pad_token_id=ids["pad"],
