@@ -283,7 +283,6 @@ def main() -> None:
   p.add_argument("--out", default="")
   args = p.parse_args()
   import torch  # the references; the library itself never imports torch
-  sys.path.insert(0, ROOT)
   from tests.torch_compat import ensure_torchvision_importable  # open_clip imports torchvision
   ensure_torchvision_importable()
   # XLA's CPU runtime flushes denormals to zero; let PyTorch do the same so that neither side pays
