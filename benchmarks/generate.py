@@ -75,23 +75,11 @@ def _timed_torch(make, n: int, reps: int) -> tuple[float, float, int]:
   best = None
   for threads in sorted({1, default}):
     torch.set_num_threads(threads)
-    full, half = _timed(make(n), reps), _timed(make(n // 2), reps)
+    full, half = best_time(make(n), reps=reps), best_time(make(n // 2), reps=reps)
     if best is None or full < best[0]:
       best = (full, half, threads)
   torch.set_num_threads(default)
   return best
-
-
-def _timed(fn, reps: int) -> float:
-  """Best seconds of `fn()` (which blocks) over `reps` calls after one warm-up call: the minimum,
-  as other processes share this host's cores."""
-  fn()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.min(times))
 
 
 def _build_llama(root: str):
@@ -183,7 +171,7 @@ def bench_llama(hf, model, params, batch: int, n: int, reps: int, bandwidth: flo
   out = ours(n)()
   compile_s = time.perf_counter() - t0
   ours(n // 2)()  # compile the half-length program too
-  t_full, t_half = _timed(ours(n), reps), _timed(ours(n // 2), reps)
+  t_full, t_half = best_time(ours(n), reps=reps), best_time(ours(n // 2), reps=reps)
 
   def theirs(k):
     def run():
@@ -218,7 +206,7 @@ def bench_flamingo(of, model, params, tok_ids, batch: int, n: int, reps: int,
   out = ours(n)()
   compile_s = time.perf_counter() - t0
   ours(n // 2)()
-  t_full, t_half = _timed(ours(n), reps), _timed(ours(n // 2), reps)
+  t_full, t_half = best_time(ours(n), reps=reps), best_time(ours(n // 2), reps=reps)
   vision_x = torch.tensor(vx).permute(0, 1, 4, 2, 3).unsqueeze(2)  # [B, T_img, F, C, H, W]
 
   def theirs(k):

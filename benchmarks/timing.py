@@ -22,11 +22,13 @@ def time_steps(compiled, state, batch, key, *, steps: int, warmup: int = 1):
 
 
 def best_time(fn, *args, reps: int) -> float:
-  """Seconds of the fastest of `reps` calls of jitted `fn(*args)`, after one warm-up call."""
-  fn(*args).block_until_ready()
+  """Seconds of the fastest of `reps` calls of `fn(*args)` after one warm-up call (JAX results are
+  waited for; anything else, e.g. PyTorch on CPU, is done when `fn` returns). The minimum, as other
+  processes may share the host's cores."""
+  jax.block_until_ready(fn(*args))
   best = float("inf")
   for _ in range(reps):
     t0 = time.perf_counter()
-    fn(*args).block_until_ready()
+    jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - t0)
   return best

@@ -230,7 +230,7 @@ def plan(config, devices: list, *, memory_bytes: float | None = None) -> dict:
   else:
     mesh = sharding.config_mesh(config, devices)
   rules = sharding.logical_rules(config.get("sharding_rules"))
-  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_shards = sharding.data_shards(mesh)
   batch = abstract_batch(config.data, config.batch_size)
   for plain in plain_batches(batch):
     if plain["labels"].shape[0] % data_shards:

@@ -46,7 +46,7 @@ def run(config, checkpoint: str | None, images: list[str], prompt: str, **decode
   from vlm_jax.data.images import clip_preprocess, decode_image  # pylint: disable=g-import-not-at-top
   from vlm_jax.data.records import BadRecord  # pylint: disable=g-import-not-at-top
   from vlm_jax.data.special_tokens import MEDIA_TOKEN  # pylint: disable=g-import-not-at-top
-  from vlm_jax.eval.fewshot import special_ids  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data.tokenizer import tokenizer_and_special_ids  # pylint: disable=g-import-not-at-top
   from vlm_jax.eval.generate import generate  # pylint: disable=g-import-not-at-top
   from vlm_jax.eval.inputs import stack_vision  # pylint: disable=g-import-not-at-top
   from vlm_jax.train import restore  # pylint: disable=g-import-not-at-top
@@ -59,7 +59,7 @@ def run(config, checkpoint: str | None, images: list[str], prompt: str, **decode
   if not hasattr(model, "media_token_id"):
     raise ValueError("vlm_jax.generate runs Flamingo models (config.model_name='flamingo')")
   size = int(dict(model.vision or {}).get("image_size", 224))
-  tok, ids = special_ids(config.data.tokenizer)
+  tok, ids = tokenizer_and_special_ids(config.data.tokenizer)
   pixels = []
   for path in images:
     try:

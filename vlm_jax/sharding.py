@@ -178,6 +178,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def data_shards(mesh: Mesh) -> int:
+  """How many ways the batch is split: the product of the batch axes' sizes."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def full_batch(x: Any, mesh: Mesh) -> Any:
+  """A host or single-device array every process holds in full -> a global array whose leading
+  (batch) axis is split over the batch axes when it divides, else replicated; each process supplies
+  just its own devices' rows (`global_batch` instead takes each process's array as its share).
+  Already-global arrays and None pass through."""
+  if x is None or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return x
+  x = np.asarray(x)
+  x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype))  # int64 ids -> int32 without x64
+  split = x.ndim > 0 and x.shape[0] % data_shards(mesh) == 0
+  spec = batch_sharding(mesh) if split else replicated(mesh)
+  return jax.make_array_from_callback(x.shape, spec, lambda idx: x[idx])
+
+
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Per-process numpy batch -> global `jax.Array`s split over the batch axes of `mesh`."""
   sharding = batch_sharding(mesh)

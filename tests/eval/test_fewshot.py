@@ -228,8 +228,27 @@ def test_mode_eval_writes_results_and_generate_cli_prints(trained, tmp_path):
 
   image = tmp_path / "a.png"
   Image.fromarray(np.full((40, 40, 3), (220, 35, 35), np.uint8)).save(image)
-  text = run(load_config("flamingo", "tiny"), workdir, [str(image)],
-             "<image>Question: What colour is the shape? Answer:", max_new_tokens=3, num_beams=2)
-  assert isinstance(text, str)
+  prompt = "<image>Question: What colour is the shape? Answer:"
+  text = run(load_config("flamingo", "tiny"), workdir, [str(image)], prompt, max_new_tokens=3)
+  # Reference: the checkpoint's params restored by hand, the image preprocessed as the data
+  # pipeline does, and greedy argmax of a full (uncached) forward, one token at a time.
+  from vlm_jax.data.images import clip_preprocess, decode_image
+  from vlm_jax.data.tokenizer import tokenizer_and_special_ids
+  from vlm_jax.train import restore
+  loaded = restore.load_for_eval(load_config("flamingo", "tiny"), checkpoint=workdir)
+  tok, special = tokenizer_and_special_ids("synthetic")
+  size = loaded.model.vision["image_size"]
+  vx = clip_preprocess(decode_image(str(image)), size, normalize=False)[None, None]
+  ids = list(tok.encode(prompt).ids)
+  new = []
+  for _ in range(3):
+    logits, _ = loaded.model.apply({"params": loaded.params}, vx, np.asarray([ids], np.int32))
+    nxt = int(np.asarray(logits)[0, -1].argmax())
+    ids.append(nxt)
+    new.append(nxt)
+    if nxt == special["endofchunk"]:
+      break
+  assert text == tok.decode(new, skip_special_tokens=True), (text, new)
+  assert text.strip()  # the trained model answers something
   with pytest.raises(ValueError, match="1 <image> tokens but 0 --image"):
     run(load_config("flamingo", "tiny"), workdir, [], "<image>Output:", max_new_tokens=3)

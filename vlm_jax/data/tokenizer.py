@@ -116,6 +116,17 @@ def load_tokenizer(spec: str) -> tokenizers.Tokenizer:
     raise ValueError(f"Could not parse tokenizer file {path!r}: {e}") from e
 
 
+def tokenizer_and_special_ids(spec: str) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
+  """`load_tokenizer(spec)` and its `{"media", "endofchunk", "pad"}` ids (what generation and
+  evaluation need to build prompts and stop)."""
+  if os.fspath(spec).startswith(OPENFLAMINGO_PREFIX):
+    return openflamingo_tokenizer(spec[len(OPENFLAMINGO_PREFIX):])
+  tok = load_tokenizer(spec)
+  return tok, {"media": special_token_id(tok, MEDIA_TOKEN),
+               "endofchunk": special_token_id(tok, EOC_TOKEN),
+               "pad": special_token_id(tok, PAD_TOKEN)}
+
+
 def special_token_id(tokenizer: tokenizers.Tokenizer, token: str) -> int:
   """Returns the id of `token` in `tokenizer`.
 

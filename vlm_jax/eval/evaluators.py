@@ -32,7 +32,6 @@ from vlm_jax.data.interleaved import encode_prompt
 from vlm_jax.data.pipeline import make_dataset
 from vlm_jax.data.synthetic import SyntheticSource
 from vlm_jax.data.tokenizer import load_tokenizer
-from vlm_jax.eval.generate import place_full
 from vlm_jax.eval.inputs import pad_rows
 from vlm_jax.param_paths import flatten, matching, unflatten
 
@@ -95,7 +94,7 @@ class SyntheticVQA:
     for s in range(0, n, bs):
       sl = slice(s, min(n, s + bs))
       # The whole (padded) batch on every process; each feeds only its own devices' rows.
-      batch = [place_full(pad_rows(x, bs), self.mesh) for x in (
+      batch = [sharding.full_batch(pad_rows(x, bs), self.mesh) for x in (
         self.images[sl], self.ids[sl], (self.ids[sl] != 0).astype(np.int32), self.lengths[sl] - 1)]
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self._rules):
         out = self._predict(params, *batch)

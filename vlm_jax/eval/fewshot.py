@@ -44,7 +44,6 @@ import numpy as np
 
 from vlm_jax import converted, sharding
 from vlm_jax.data import tokenizer as tok_lib
-from vlm_jax.data.special_tokens import EOC_TOKEN, MEDIA_TOKEN, PAD_TOKEN
 from vlm_jax.eval import inputs, metrics, prompts, rices as rices_lib, scoring
 from vlm_jax.eval.generate import generate
 from vlm_jax.eval.tasks import Task, build_task
@@ -98,16 +97,6 @@ def settings(config, overrides: Mapping[str, Any] | None = None) -> dict:
   return out
 
 
-def special_ids(spec: str) -> tuple[Any, dict[str, int]]:
-  """Tokenizer of `config.data.tokenizer` and its `<image>` / `<|endofchunk|>` / pad ids."""
-  if spec.startswith(tok_lib.OPENFLAMINGO_PREFIX):
-    return tok_lib.openflamingo_tokenizer(spec[len(tok_lib.OPENFLAMINGO_PREFIX):])
-  tok = tok_lib.load_tokenizer(spec)
-  return tok, {"media": tok_lib.special_token_id(tok, MEDIA_TOKEN),
-               "endofchunk": tok_lib.special_token_id(tok, EOC_TOKEN),
-               "pad": tok_lib.special_token_id(tok, PAD_TOKEN)}
-
-
 class Progress:
   """One log line every `every` seconds: examples done of the whole evaluation, rate and ETA."""
 
@@ -144,13 +133,13 @@ class Runner:
                mesh, rules, workdir: str | None = None):
     self.model, self.cfg, self.mesh, self.rules, self.workdir = model, cfg, mesh, rules, workdir
     self.image_size, self.vision_kwargs = image_size, dict(vision_kwargs)
-    self.tokenizer, self.ids = special_ids(tokenizer_spec)
+    self.tokenizer, self.ids = tok_lib.tokenizer_and_special_ids(tokenizer_spec)
     model_media = getattr(model, "media_token_id", self.ids["media"])
     if model_media != self.ids["media"]:
       raise ValueError(f"model.media_token_id={model_media} but tokenizer {tokenizer_spec!r} gives "
                        f"<image> the id {self.ids['media']}")
     self.tasks = {name: build_task(name, t, image_size) for name, t in cfg["tasks"].items()}
-    shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+    shards = sharding.data_shards(mesh)
     self.batch = inputs.bucket(int(cfg["batch_size"]), shards)
     self.loader = inputs.ImageLoader(image_size, int(cfg["image_cache"]), int(cfg["num_threads"]))
     self.scorer = scoring.Scorer(model, mesh, rules,

@@ -403,21 +403,6 @@ def _generate_jit(key: _ModelKey, opts: DecodeOptions, mesh, rules, params, inpu
   return out
 
 
-def place_full(x: Any, mesh) -> Any:
-  """A host or single-device array every process holds in full -> a global array whose leading
-  (batch) axis is split over the data-parallel mesh axes when it divides, else replicated; each
-  process supplies just its own devices' rows (`sharding.global_batch` instead takes each process's
-  array as its share). Already-global arrays pass through."""
-  if x is None or (isinstance(x, jax.Array) and not x.is_fully_addressable):
-    return x
-  x = np.asarray(x)
-  x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype))  # int64 ids -> int32 without x64
-  data = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
-  split = x.ndim > 0 and x.shape[0] % data == 0
-  spec = sharding.batch_sharding(mesh) if split else sharding.replicated(mesh)
-  return jax.make_array_from_callback(x.shape, spec, lambda idx: x[idx])
-
-
 def generate(
   model: nn.Module,
   params: Any,
@@ -477,6 +462,6 @@ def generate(
                          jnp.asarray(attention_mask, jnp.int32), rng, model_inputs)
   rules = sharding.logical_rules(rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    ids, am = place_full(input_ids, mesh), place_full(attention_mask, mesh)
-    inputs = {name: place_full(v, mesh) for name, v in model_inputs.items()}
+    ids, am = sharding.full_batch(input_ids, mesh), sharding.full_batch(attention_mask, mesh)
+    inputs = {name: sharding.full_batch(v, mesh) for name, v in model_inputs.items()}
     return _generate_jit(key, opts, mesh, rules, params, ids, am, rng, inputs)

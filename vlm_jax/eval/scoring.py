@@ -23,7 +23,7 @@ from flax import linen as nn
 
 from vlm_jax import sharding
 from vlm_jax.eval import inputs
-from vlm_jax.eval.generate import map_cache_rows, padded_positions, place_full
+from vlm_jax.eval.generate import map_cache_rows, padded_positions
 
 
 def class_token_ids(tokenizer, class_names) -> list[list[int]]:
@@ -88,7 +88,7 @@ class Scorer:
   Args:
     model: the Flamingo Module.
     mesh, rules: where params live; inputs (every process holds all rows) are split over the batch
-      axes (`vlm_jax.eval.generate.place_full`).
+      axes (`vlm_jax.sharding.full_batch`).
     rows_per_call: (example, class) rows per call for multi-token names (a multiple of the data
       shards).
   """
@@ -122,7 +122,7 @@ class Scorer:
     c = max(len(x) for x in class_ids)
     prefill, cont = self._jitted(c)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      put = functools.partial(place_full, mesh=self.mesh)
+      put = functools.partial(sharding.full_batch, mesh=self.mesh)
       first, state = prefill(params, put(vision_x), put(ids), put(mask))
       if c == 1:  # every class name is one token: the prompt's next-token distribution is all
         first = np.asarray(jax.device_get(first))

@@ -109,7 +109,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size ({config.batch_size}) must be divisible by the number of "
                      f"processes ({jax.process_count()})")
-  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_shards = sharding.data_shards(mesh)
   if config.batch_size % data_shards:
     raise ValueError(f"config.batch_size ({config.batch_size}) must be divisible by the data-parallel "
                      f"mesh size config.mesh.data * config.mesh.fsdp = {data_shards}")
