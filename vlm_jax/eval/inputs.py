@@ -93,17 +93,6 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int
   return ids, mask
 
 
-def right_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-  """-> (int32[N, length] ids, int32[N, length] mask), sequences left-aligned."""
-  ids = np.full((len(seqs), length), pad_id, np.int32)
-  mask = np.zeros((len(seqs), length), np.int32)
-  for i, s in enumerate(seqs):
-    ids[i, :len(s)] = s
-    mask[i, :len(s)] = 1
-  return ids, mask
-
-
 def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   """Pads the leading axis to `rows` by repeating the last row (those results are discarded)."""
   if len(x) >= rows:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from vlm_jax import sharding
+from vlm_jax.data.interleaved import pad_tokens
 from vlm_jax.eval import inputs
 from vlm_jax.eval.generate import map_cache_rows, padded_positions
 
@@ -127,7 +128,8 @@ class Scorer:
       if c == 1:  # every class name is one token: the prompt's next-token distribution is all
         first = np.asarray(jax.device_get(first))
         return first[:, [x[0] for x in class_ids]]
-      targets, target_mask = inputs.right_pad(class_ids, c, pad_id)
+      padded = [pad_tokens(np.asarray(x, np.int32), c, pad_id) for x in class_ids]
+      targets, target_mask = (np.stack(a) for a in zip(*padded))
       row_example = np.repeat(np.arange(b), k)  # row r = (example r // K, class r % K)
       row_class = np.tile(np.arange(k), b)
       out = np.empty((b * k,), np.float32)
