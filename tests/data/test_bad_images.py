@@ -31,6 +31,12 @@ def _reason(item, **kwargs):
   return info.value.reason
 
 
+def _decode(item, **kwargs):
+  """decode_image for the conversion tests, whose images are a few pixels wide (under the default
+  min_side)."""
+  return images.decode_image(item, **{"min_side": 1, **kwargs})
+
+
 def _gray3(values):
   return np.repeat(np.asarray(values, np.uint8)[..., None], 3, axis=-1)
 
@@ -91,7 +97,9 @@ def test_missing_path(tmp_path):
 
 def test_too_small_by_side_and_by_bytes():
   one = _encode(Image.new("RGB", (1, 1), (9, 9, 9)))
-  assert _reason(one) == "image_too_small"  # default min_side=2
+  assert _reason(one) == "image_too_small"  # default min_side=8
+  assert _reason(_encode(Image.new("RGB", (7, 64)))) == "image_too_small"
+  assert images.decode_image(_encode(Image.new("RGB", (8, 64)))).shape == (64, 8, 3)
   assert _reason(Image.new("RGB", (1, 5))) == "image_too_small"
   assert _reason(np.zeros((5, 1, 3), np.uint8)) == "image_too_small"
   np.testing.assert_array_equal(images.decode_image(one, min_side=1), [[[9, 9, 9]]])
@@ -124,7 +132,7 @@ def test_huge_declared_size_rejected_from_the_header(monkeypatch):
 
 def test_unsupported_type_and_bad_array():
   assert _reason(12345) == "image_undecodable"
-  assert _reason(np.zeros((4, 4, 2), np.uint8)) == "image_undecodable"
+  assert _reason(np.zeros((16, 16, 2), np.uint8)) == "image_undecodable"
 
 
 # ----------------------------------------------------------------------------- converted kinds
@@ -132,11 +140,11 @@ def test_unsupported_type_and_bad_array():
 
 def test_cmyk_jpeg_and_tiff():
   pil = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red
-  out = images.decode_image(_encode(pil, "JPEG", quality=100))
+  out = _decode(_encode(pil, "JPEG", quality=100))
   assert out.shape == (8, 8, 3) and out.dtype == np.uint8
   np.testing.assert_allclose(out[4, 4], [255, 0, 0], atol=8)
   # Lossless CMYK: exact.
-  np.testing.assert_array_equal(images.decode_image(_encode(pil, "TIFF")),
+  np.testing.assert_array_equal(_decode(_encode(pil, "TIFF")),
                                 np.broadcast_to([255, 0, 0], (8, 8, 3)))
 
 
@@ -148,19 +156,19 @@ def test_palette_png(transparent):
   data = _encode(pil, transparency=0) if transparent else _encode(pil)
   first = [255, 255, 255] if transparent else [10, 20, 30]  # palette entry 0 is the transparent one
   expected = np.array([[first] * 3, [first, [200, 100, 50], first]], np.uint8)
-  np.testing.assert_array_equal(images.decode_image(data), expected)
+  np.testing.assert_array_equal(_decode(data), expected)
 
 
 def test_la_png():
   la = np.array([[[100, 0], [100, 255], [100, 128]]] * 2, np.uint8)
-  out = images.decode_image(_encode(Image.fromarray(la, "LA")))
+  out = _decode(_encode(Image.fromarray(la, "LA")))
   # 100 * 128/255 + 255 * 127/255 = 177.2
   np.testing.assert_array_equal(out, _gray3([[255, 100, 177]] * 2))
 
 
 def test_rgba_png():
   rgba = np.array([[[255, 0, 0, 0], [0, 0, 255, 255], [0, 0, 0, 128]]] * 2, np.uint8)
-  out = images.decode_image(_encode(Image.fromarray(rgba, "RGBA")))
+  out = _decode(_encode(Image.fromarray(rgba, "RGBA")))
   np.testing.assert_array_equal(out, [[[255, 255, 255], [0, 0, 255], [127, 127, 127]]] * 2)
 
 
@@ -168,7 +176,7 @@ def test_16bit_png_is_rescaled_not_clipped():
   arr16 = np.array([[0, 32768, 65535], [257, 1000, 65280]], np.uint16)
   data = _encode(Image.fromarray(arr16))
   assert Image.open(io.BytesIO(data)).mode.startswith("I")  # really stored as 16-bit
-  out = images.decode_image(data)
+  out = _decode(data)
   # 65535 -> 255, 32768 -> 127.5 -> 128, 257 -> 1, 1000 -> 3.9 -> 4, 65280 -> 254; PIL's own
   # convert("RGB") would give 255 for every non-zero value.
   np.testing.assert_array_equal(out, _gray3([[0, 128, 255], [1, 4, 254]]))
@@ -176,11 +184,11 @@ def test_16bit_png_is_rescaled_not_clipped():
 
 def test_grayscale_and_1bit_png():
   gray = np.array([[0, 77, 255], [1, 2, 3]], np.uint8)
-  np.testing.assert_array_equal(images.decode_image(_encode(Image.fromarray(gray, "L"))),
+  np.testing.assert_array_equal(_decode(_encode(Image.fromarray(gray, "L"))),
                                 _gray3(gray))
   bits = Image.fromarray(np.array([[True, False], [False, True]]))
   assert bits.mode == "1"
-  np.testing.assert_array_equal(images.decode_image(_encode(bits)), _gray3([[255, 0], [0, 255]]))
+  np.testing.assert_array_equal(_decode(_encode(bits)), _gray3([[255, 0], [0, 255]]))
 
 
 def test_exif_orientation_6_rotates_clockwise():
@@ -192,7 +200,7 @@ def test_exif_orientation_6_rotates_clockwise():
   exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
   data = _encode(Image.fromarray(stored), "JPEG", quality=100, subsampling=0, exif=exif)
   raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # as stored, JPEG loss included
-  out = images.decode_image(data)
+  out = _decode(data)
   assert out.shape == (32, 16, 3)  # width and height swapped
   np.testing.assert_array_equal(out, np.rot90(raw, k=-1))  # exact: same decoded pixels, rotated
   # Clockwise: the stored bottom-left (blue) is now top-left, the stored top-left (red) top-right.
@@ -207,7 +215,7 @@ def test_path_items(tmp_path):
   path = tmp_path / "ok.png"
   path.write_bytes(_encode(Image.fromarray(arr)))
   for item in (path, str(path), pathlib.PurePath(path)):
-    np.testing.assert_array_equal(images.decode_image(item), arr)
+    np.testing.assert_array_equal(_decode(item), arr)
 
 
 # ----------------------------------------------------------------------------- whole record dropped

@@ -75,7 +75,7 @@ def test_hand_checked_record_text_and_image_order(image_dir):
   record = _build(_doc(), image_dir)
   assert record["text"] == EXPECTED_TEXT
   # Images follow the text (b.png's sentence comes first), not image_info order as in OF.
-  assert record["images"] == [noise_png(1), noise_png(0)]
+  assert [im.encoded for im in record["images"]] == [noise_png(1), noise_png(0)]
 
 
 def test_hand_checked_ids_and_labels_through_transform(image_dir):
@@ -120,19 +120,19 @@ def test_hungarian_and_argmax_records(image_dir):
   hungarian = _build(doc, image_dir)
   assert hungarian["text"] == (
     "<image>A red circle.<|endofchunk|><image>A blue square.<|endofchunk|><|endoftext|>")
-  assert hungarian["images"] == [noise_png(1), noise_png(0)]
+  assert [im.encoded for im in hungarian["images"]] == [noise_png(1), noise_png(0)]
   argmax = _build(doc, image_dir, matching="argmax")
   # The PyPI release's layout: both images before s0, the first with an empty chunk.
   assert argmax["text"] == (
     "<image><|endofchunk|><image>A red circle. A blue square.<|endofchunk|><|endoftext|>")
-  assert argmax["images"] == [noise_png(0), noise_png(1)]
+  assert [im.encoded for im in argmax["images"]] == [noise_png(0), noise_png(1)]
 
 
 def test_similarity_threshold_is_inclusive_and_configurable(image_dir):
   doc = _doc(["A red circle.", "A blue square."], ["a.png", "b.png"],
              [[0.24, 0.0], [0.0, 0.2399]])
   record = _build(doc, image_dir, single_image_keep_prob=1.0)
-  assert record["images"] == [noise_png(0)]
+  assert [im.encoded for im in record["images"]] == [noise_png(0)]
   assert record["text"] == "<image>A red circle. A blue square.<|endofchunk|><|endoftext|>"
   assert len(_build(doc, image_dir, sim_threshold=0.2)["images"]) == 2
   with pytest.raises(BadRecord) as e:
@@ -143,10 +143,10 @@ def test_similarity_threshold_is_inclusive_and_configurable(image_dir):
 def test_image_byte_floor_is_11000():
   jpeg = small_jpeg()
   padded = jpeg + b"\0" * (11_000 - len(jpeg))  # PIL reads the header; trailing bytes don't matter
-  assert image_payloads.check_image_bytes(padded, 11_000, "x") == padded
+  assert image_payloads.check_image(padded, "x", size=None, min_bytes=11_000).encoded == padded
   with pytest.raises(image_payloads.ImageProblem) as e:
-    image_payloads.check_image_bytes(padded[:-1], 11_000, "x")
-  assert e.value.reason == "image_too_small"
+    image_payloads.check_image(padded[:-1], "x", size=None, min_bytes=11_000)
+  assert e.value.reason == "image_too_small" and e.value.floor
   assert mmc4.MMC4Options().min_image_bytes == 11_000
   assert mmc4.MMC4Options().sim_threshold == 0.24
 
@@ -160,7 +160,7 @@ def test_max_images_keeps_first_in_text_order_and_cuts_text(image_dir):
     sim[k, 8 - k] = 0.5  # image k before sentence 8-k: text order is the reverse of image order
   doc = _doc(sentences, [f"n{k}.png" for k in range(8)], sim.tolist())
   record = _build(doc, image_dir)
-  assert record["images"] == [noise_png(100 + k) for k in (7, 6, 5, 4, 3, 2)]
+  assert [im.encoded for im in record["images"]] == [noise_png(100 + k) for k in (7, 6, 5, 4, 3, 2)]
   assert record["text"] == (
     "S0.<image>S1.<|endofchunk|><image>S2.<|endofchunk|><image>S3.<|endofchunk|><image>S4."
     "<|endofchunk|><image>S5.<|endofchunk|><image>S6.<|endofchunk|><|endoftext|>")
@@ -205,7 +205,7 @@ def test_base64_images_including_ofs_bytes_repr(image_dir):
          "similarity_matrix": [[0.5, 0.1], [0.1, 0.5]]}
   # No image_dir needed: the bytes are in the record. OF's converter writes str(bytes) = "b'...'".
   record = mmc4.build_record(doc, index=0, record_id="t", options=mmc4.MMC4Options())
-  assert record["images"] == [png, noise_png(8)]
+  assert [im.encoded for im in record["images"]] == [png, noise_png(8)]
 
 
 def _reason(fn):
@@ -237,11 +237,11 @@ def test_bad_documents_raise_their_reason(image_dir, line, reason):
 def test_undecodable_file_and_drop_policy(image_dir):
   page = _doc(["A red circle."], ["page.jpg"], [[0.5]])
   assert _reason(lambda: _build(page, image_dir, single_image_keep_prob=1.0)) == "image_undecodable"
-  # One missing image among good ones: skipped by default (OF), the whole document with "drop".
+  # One missing image among good ones: left out by default, the whole document with "drop_record".
   doc = _doc(["A red circle.", "A blue square.", "Look."], ["a.png", "gone.png", "b.png"],
              [[0.5, 0.1, 0.1], [0.1, 0.5, 0.1], [0.1, 0.1, 0.5]])
-  assert _build(doc, image_dir)["images"] == [noise_png(0), noise_png(1)]
-  assert _reason(lambda: _build(doc, image_dir, on_bad_image="drop")) == "image_missing"
+  assert [im.encoded for im in _build(doc, image_dir)["images"]] == [noise_png(0), noise_png(1)]
+  assert _reason(lambda: _build(doc, image_dir, on_bad_image="drop_record")) == "image_missing"
 
 
 def test_transform_rejects_what_truncation_leaves_untrainable():
@@ -279,7 +279,9 @@ def test_source_random_access_ids_pickling_and_counting(tmp_path, image_dir):
         .map(skipping(transform)).to_iter_dataset())
   it = iter(CountingBatch(ds, 2, lambda xs: np.stack([x["input_ids"] for x in xs])))
   assert next(it).shape == (2, 40)
-  assert it.counters() == {"seen": 4, "skipped/image_missing": 1, "skipped/malformed_json": 1}
+  # Each good document leaves out its missing and its tiny image; the third one's image is missing.
+  assert it.counters() == {"seen": 4, "skipped/image_missing": 1, "skipped/malformed_json": 1,
+                           "dropped_images/image_missing": 3, "dropped_images/image_too_small": 2}
 
 
 def test_make_source_reads_config_and_names_missing_fields(tmp_path, image_dir):
@@ -288,7 +290,7 @@ def test_make_source_reads_config_and_names_missing_fields(tmp_path, image_dir):
          "max_images": 4, "single_image_keep_prob": 1.0}
   source = mmc4.make_source(cfg, "train")
   assert source.options.max_images == 4 and source.options.min_image_bytes == 11_000
-  assert source[0]["images"] == [noise_png(0)]  # only a.png reaches 0.305
+  assert [im.encoded for im in source[0]["images"]] == [noise_png(0)]  # only a.png reaches 0.305
   with pytest.raises(ValueError, match=r"config\.data\.paths is missing"):
     mmc4.make_source({"image_dir": str(image_dir)}, "train")
   with pytest.raises(ValueError, match="matches no files"):

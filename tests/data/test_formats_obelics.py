@@ -10,7 +10,7 @@ import pytest
 from tests.data.web_fixtures import noise_png, small_jpeg
 from vlm_jax.data import tokenizer as tok_lib
 from vlm_jax.data.formats import obelics, transforms
-from vlm_jax.data.records import BadRecord
+from vlm_jax.data.records import BadRecord, CheckedImage
 
 IGN = -100
 
@@ -83,7 +83,7 @@ def test_hand_checked_record(parquet_paths, image_dir):
   record = source[0]
   # The missing image is left out; the URL resolves to image_dir/example.com/img/c.png?x=1.
   assert record["text"] == EXPECTED_TEXT
-  assert record["images"] == [noise_png(0), noise_png(1), noise_png(2)]
+  assert [im.encoded for im in record["images"]] == [noise_png(0), noise_png(1), noise_png(2)]
   assert record["id"] == "obelics/obelics-000.parquet:0"
 
 
@@ -107,9 +107,11 @@ def test_random_access_across_row_groups_and_files(parquet_paths, image_dir):
                                  cached_row_groups=1)
   assert len(source) == len(ROWS) + 2
   assert source[2] == {"text": "<image>A red circle.<|endofchunk|><|endoftext|>",
-                       "images": [noise_png(3)], "id": "obelics/obelics-000.parquet:2"}
+                       "images": [CheckedImage(noise_png(3))], "id": "obelics/obelics-000.parquet:2",
+                       "dropped_images": {}}
   assert source[len(ROWS) + 1] == {"text": "<image>A blue square.<|endofchunk|><|endoftext|>",
-                                   "images": [noise_png(2)], "id": "obelics/obelics-001.parquet:1"}
+                                   "images": [CheckedImage(noise_png(2))],
+                                   "id": "obelics/obelics-001.parquet:1", "dropped_images": {}}
   # Any order, after pickling (grain worker processes), gives the same records.
   clone = pickle.loads(pickle.dumps(source))
   assert clone[2] == source[2] and clone[0] == source[0]
@@ -122,7 +124,7 @@ def test_bad_rows_raise_their_reason(parquet_paths, image_dir):
   assert [_reason(lambda i=i: source[i]) for i in (1, 3, 4, 5, 6)] == [
     "no_image", "image_empty", "image_only_at_end", "malformed_json", "malformed_json"]
   strict = obelics.ObelicsSource(parquet_paths, obelics.ObelicsOptions(
-    image_dir=str(image_dir), on_bad_image="drop"))
+    image_dir=str(image_dir), on_bad_image="drop_record"))
   assert _reason(lambda: strict[0]) == "image_missing"
 
 
@@ -134,7 +136,7 @@ def test_min_image_bytes_and_single_image_coin():
   # Raw bytes in the images list work too, and a big one passes the floor.
   record = obelics.build_record([None, "A red circle."], [noise_png(4), None], index=0,
                                 record_id="t", options=options)
-  assert record["images"] == [noise_png(4)]
+  assert [im.encoded for im in record["images"]] == [noise_png(4)]
   coin = obelics.ObelicsOptions(single_image_keep_prob=0.5)
   decisions = []
   for index in range(40):
@@ -153,7 +155,7 @@ def test_make_source(parquet_paths, image_dir, tmp_path):
                                 "max_images": 1}, "train")
   record = source[0]
   assert record["text"] == "Here are some pictures.<image>A red circle.<|endofchunk|><|endoftext|>"
-  assert record["images"] == [noise_png(0)]
+  assert [im.encoded for im in record["images"]] == [noise_png(0)]
   pq.write_table(pa.table({"text": ["x"]}), tmp_path / "wrong.parquet")
   with pytest.raises(ValueError, match=r"no column\(s\) \['texts', 'images'\]"):
     obelics.make_source({"paths": str(tmp_path / "wrong.parquet")}, "train")

@@ -14,7 +14,7 @@ from PIL import Image
 from tests.data.web_fixtures import noise_png, small_jpeg, write_tar
 from vlm_jax.data import tokenizer as tok_lib
 from vlm_jax.data.formats import mmc4, tar_index, transforms, webdataset
-from vlm_jax.data.records import BadRecord
+from vlm_jax.data.records import BadRecord, CheckedImage
 
 IGN = -100
 
@@ -61,11 +61,12 @@ def test_laion_pairs_hand_checked(laion_shard):
   source = webdataset.WebDatasetSource([laion_shard], "pairs")
   assert len(source) == 8
   assert source[0] == {"text": "<image>A red circle.<|endofchunk|><|endoftext|>",
-                       "images": [small_jpeg()], "id": "wds/laion-000.tar:0"}
-  assert source[1]["images"] == [noise_png(1)]  # the .json member is ignored
-  assert source[4]["images"] == [noise_png(4)]  # png is preferred over jpeg, whatever the order
+                       "images": [CheckedImage(small_jpeg())], "id": "wds/laion-000.tar:0"}
+  assert [im.encoded for im in source[1]["images"]] == [noise_png(1)]  # the .json member is ignored
+  # png is preferred over jpeg, whatever the order
+  assert [im.encoded for im in source[4]["images"]] == [noise_png(4)]
   assert source[7] == {"text": "<image>Ünïcode circle.<|endofchunk|><|endoftext|>",
-                       "images": [_webp()], "id": "wds/laion-000.tar:7"}
+                       "images": [CheckedImage(_webp())], "id": "wds/laion-000.tar:7"}
   assert [_reason(lambda i=i: source[i]) for i in (2, 3, 5, 6)] == [
     "image_missing", "text_empty", "image_empty", "text_empty"]
 
@@ -92,7 +93,7 @@ def test_mmc4_in_tar_matches_the_jsonl_builder(tmp_path):
   record = source[0]
   assert record["text"] == (
     "<image>A red circle.<|endofchunk|><image>A blue square.<|endofchunk|><|endoftext|>")
-  assert record["images"] == [noise_png(1), noise_png(0)]
+  assert [im.encoded for im in record["images"]] == [noise_png(1), noise_png(0)]
   expected = mmc4.build_record(doc, index=0, record_id=record["id"], options=mmc4.MMC4Options())
   assert record == expected
   assert _reason(lambda: source[1]) == "malformed_json"

@@ -62,7 +62,7 @@ def _ids(tok, tokens):
   return ids
 
 
-def _write_image(path, w=6, h=4, color=(255, 0, 0)):
+def _write_image(path, w=12, h=8, color=(255, 0, 0)):
   Image.new("RGB", (w, h), color).save(path)
   return path
 

@@ -17,18 +17,26 @@ from tests.data.web_fixtures import noise_png, write_tar
 from vlm_jax.data.formats import llava_json, mmc4, webdataset
 from vlm_jax.data.formats import transforms as web_transforms
 from vlm_jax.data.pipeline import SkippingSource
-from vlm_jax.data.records import BadRecord, Skip, skipping
+from vlm_jax.data.records import DROPPED_KEY, BadRecord, CheckedImage, Skip, skipping
 from vlm_jax.data.tfds import build as build_cli
 from vlm_jax.data.tfds import builder, source
 from vlm_jax.data.tokenizer import load_tokenizer
 
 
+def _stored_form(record):
+  """A reader's record as the TFDS build stores it: images by their encoded bytes, no counts."""
+  return {**{k: v for k, v in record.items() if k != DROPPED_KEY},
+          "images": [im.encoded if isinstance(im, CheckedImage) else im
+                     for im in record.get("images") or []]}
+
+
 def _direct(src):
-  """(good records in index order, Counter of skip reasons) from a direct reader."""
+  """(good records in index order, in their stored form; Counter of skip reasons) from a direct
+  reader."""
   good, skipped = [], collections.Counter()
   for i in range(len(src)):
     try:
-      good.append(src[i])
+      good.append(_stored_form(src[i]))
     except BadRecord as e:
       skipped[e.reason] += 1
   return good, skipped

@@ -20,35 +20,43 @@ from typing import Any, Callable, Sequence
 
 import grain
 
-from vlm_jax.data.records import Skip
+from vlm_jax.data.records import DROPPED_KEY, Skip
 
 STATS_KEY = "data_stats"
 
 
-def _counters(seen: int, skipped: collections.Counter) -> dict[str, int]:
-  return {"seen": seen, **{f"skipped/{k}": v for k, v in sorted(skipped.items())}}
+def _counters(seen: int, skipped: collections.Counter,
+              dropped: collections.Counter) -> dict[str, int]:
+  return {"seen": seen, **{f"skipped/{k}": v for k, v in sorted(skipped.items())},
+          **{f"{DROPPED_KEY}/{k}": v for k, v in sorted(dropped.items())}}
 
 
 class _CountsIterator(grain.DatasetIterator):
-  """An iterator holding run-long counts (records seen, skipped per reason) in its state."""
+  """An iterator holding run-long counts (records seen, skipped per reason, images the readers left
+  out of their documents per reason) in its state."""
 
   def __init__(self, parent: grain.DatasetIterator):
     super().__init__(parent)
     self._seen = 0
     self._skipped: collections.Counter[str] = collections.Counter()
+    self._dropped: collections.Counter[str] = collections.Counter()
 
   def counters(self) -> dict[str, int]:
-    """{"seen": records pulled, "skipped/<reason>": count} since the start of the run."""
-    return _counters(self._seen, self._skipped)
+    """{"seen": records pulled, "skipped/<reason>": records, "dropped_images/<reason>": images}
+    since the start of the run."""
+    return _counters(self._seen, self._skipped, self._dropped)
 
   def get_state(self) -> dict:
     return {"parent": self._parent.get_state(), "seen": self._seen,
-            "skipped": dict(self._skipped)}
+            "skipped": dict(self._skipped), "dropped_images": dict(self._dropped)}
 
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state["parent"])
     self._seen = int(state["seen"])
     self._skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
+    # Absent from states saved before images were counted.
+    self._dropped = collections.Counter(
+      {k: int(v) for k, v in state.get("dropped_images", {}).items()})
 
 
 class _CountingBatchIterator(_CountsIterator):
@@ -59,19 +67,23 @@ class _CountingBatchIterator(_CountsIterator):
     self._batch_size, self._collate, self._emit_stats = batch_size, collate, emit_stats
 
   def __next__(self):
-    examples, seen, skipped = [], 0, collections.Counter()
+    examples, seen = [], 0
+    skipped, dropped = collections.Counter(), collections.Counter()
     while len(examples) < self._batch_size:
       element = next(self._parent)  # StopIteration ends the epoch; a partial batch is dropped
       seen += 1
       if isinstance(element, Skip):
         skipped[element.reason] += 1
+        dropped.update(element.dropped_images)
         continue
+      dropped.update(element.pop(DROPPED_KEY, None) or {})
       examples.append(element)
     self._seen += seen
     self._skipped.update(skipped)
+    self._dropped.update(dropped)
     batch = self._collate(examples)
     if self._emit_stats:
-      batch[STATS_KEY] = _counters(seen, skipped)
+      batch[STATS_KEY] = _counters(seen, skipped, dropped)
     return batch
 
 
@@ -104,6 +116,9 @@ class _StatsCollectorIterator(_CountsIterator):
     self._seen += int(stats.get("seen", 0))
     self._skipped.update({k[len("skipped/"):]: int(v) for k, v in stats.items()
                           if k.startswith("skipped/")})
+    prefix = DROPPED_KEY + "/"
+    self._dropped.update({k[len(prefix):]: int(v) for k, v in stats.items()
+                          if k.startswith(prefix)})
     total = sum(self._skipped.values())
     if self._log_every and total // self._log_every > before // self._log_every:
       logging.info("data: skipped %d of %d records so far %s", total, self._seen, dict(self._skipped))

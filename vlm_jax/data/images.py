@@ -1,18 +1,29 @@
 """Image decoding and CLIP preprocessing (numpy + PIL), NHWC throughout.
 
 Every image that enters a vlm_jax pipeline passes through `decode_image` (whatever it came as: a
-file path, encoded bytes, a PIL image of any mode, or an array) and then `clip_preprocess`, which
-reproduces the OpenAI CLIP / open_clip eval transform: bicubic resize of the shortest side, center
-crop, scale to [0, 1], normalise with the CLIP mean/std. `stack_images` pads a document's images to
-a fixed count with zero images, as OpenFlamingo does, so batches have static shapes.
+file path, encoded bytes, a `records.CheckedImage`, a PIL image of any mode, or an array) and then
+`clip_preprocess`, which reproduces the OpenAI CLIP / open_clip eval transform: bicubic resize of the
+shortest side, center crop, scale to [0, 1], normalise with the CLIP mean/std. `stack_images` pads a
+document's images to a fixed count with zero images, as OpenFlamingo does, so batches have static
+shapes.
 
 `decode_image` is the strict entry point for training data: an image it cannot use raises
-`records.BadRecord` with the reason, so the whole record is dropped and counted (never one image
-from under its `<image>` token):
+`records.BadRecord` with the reason:
 
   path that does not exist         -> image_missing     zero bytes             -> image_empty
   fewer than min_bytes             -> image_too_small   either side < min_side -> image_too_small
   W * H > max_pixels (header only) -> image_too_large   corrupt / truncated    -> image_undecodable
+  more than max_bytes (file size)  -> image_too_large
+
+The pixel limit is ours and is checked from the header, before any pixel is allocated, so it holds
+whatever a program sets PIL's global `Image.MAX_IMAGE_PIXELS` to (PIL's own guard, raised inside
+`Image.open` above twice its limit, and its DecompressionBombWarning under `-W error`, are caught and
+reported the same way). Any other exception PIL raises on hostile input (OSError, SyntaxError from
+broken PNG chunks, ValueError, struct.error, zlib.error, IndexError, ...) becomes
+"image_undecodable".
+
+`check_image` is the web readers' form: it decodes and checks once and keeps the CLIP crop, so a
+reader can leave a bad image out of its document before laying out the `<image>` tokens.
 
 Everything else is converted to RGB: CMYK, palette (with or without transparency), 1-bit, grayscale,
 LA / RGBA (alpha composited on white), 16-bit (rescaled, where PIL would clip), EXIF orientation
@@ -32,17 +43,20 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from vlm_jax.data.records import BadRecord
+from vlm_jax.data.records import BadRecord, CheckedImage
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Smallest side kept by default: a 1-pixel line carries nothing a ViT can use. (OpenFlamingo's tiny-
-# image filter is by encoded size, `min_bytes`, which the web-corpus readers apply.)
-DEFAULT_MIN_SIDE = 2
+# Smallest side kept by default: a strip under 8 pixels (a tracking pixel, a spacer GIF, a 1-pixel
+# rule) carries nothing a ViT can use. (OpenFlamingo's tiny-image filter is by encoded size,
+# `min_bytes`, which the web-corpus readers apply.)
+DEFAULT_MIN_SIDE = 8
 # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS), written out so that a library
 # changing PIL's global does not change which images we accept.
 DEFAULT_MAX_PIXELS = 89_478_485
+# Largest encoded image file read: 64 MiB is ~10x a large photo; a bigger file is not read into memory.
+DEFAULT_MAX_BYTES = 64 * 2**20
 
 # Modes whose pixel values are wider than 8 bits; PIL's own convert("RGB") clips them instead of
 # rescaling, which turns most 16-bit images white.
@@ -131,11 +145,14 @@ def _check_dims(width: int, height: int, what: str, min_side: int, max_pixels: i
     raise BadRecord("image_too_small", f"{what}: {width}x{height}, a side < min_side={min_side}")
 
 
-def _check_byte_count(num_bytes: int, what: str, min_bytes: int) -> None:
+def _check_byte_count(num_bytes: int, what: str, min_bytes: int,
+                      max_bytes: int | None = DEFAULT_MAX_BYTES) -> None:
   if num_bytes == 0:
     raise BadRecord("image_empty", f"{what}: zero bytes")
   if num_bytes < min_bytes:
     raise BadRecord("image_too_small", f"{what}: {num_bytes} bytes < min_bytes={min_bytes}")
+  if max_bytes is not None and num_bytes > max_bytes:
+    raise BadRecord("image_too_large", f"{what}: {num_bytes} bytes > max_bytes={max_bytes}")
 
 
 def _decode_file(fp: BinaryIO, what: str, min_side: int, max_pixels: int | None) -> Image.Image:
@@ -184,18 +201,21 @@ def decode_image(
   min_side: int = DEFAULT_MIN_SIDE,
   max_pixels: int | None = DEFAULT_MAX_PIXELS,
   min_bytes: int = 0,
+  max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> np.ndarray:
   """Decodes and checks one training image; see the module docstring for the reasons.
 
   Args:
-    item: a path (str or os.PathLike) to an image file, encoded bytes (JPEG/PNG/...), a PIL image of
-      any mode, or a numpy array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (uint8, uint16, bool or
-      float in [0, 1]). None counts as a missing image.
+    item: a path (str or os.PathLike) to an image file, encoded bytes (JPEG/PNG/...), a
+      `CheckedImage` (its bytes are decoded), a PIL image of any mode, or a numpy array [H, W],
+      [H, W, 1], [H, W, 3] or [H, W, 4] (uint8, uint16, bool or float in [0, 1]). None counts as a
+      missing image.
     min_side: images with a side shorter than this are rejected.
     max_pixels: images with more pixels than this are rejected from the header, before decoding
       (None: no limit of ours; PIL's own bomb guard, 2 * Image.MAX_IMAGE_PIXELS, still applies).
     min_bytes: encoded files/bytes shorter than this are rejected (OpenFlamingo's tiny-image
       filter).
+    max_bytes: encoded files/bytes longer than this are rejected (a file is not read at all).
 
   Returns:
     uint8[H, W, 3], EXIF orientation applied.
@@ -205,6 +225,8 @@ def decode_image(
       image_undecodable.
     RuntimeError: if PIL's LOAD_TRUNCATED_IMAGES has been switched on (it would hide truncation).
   """
+  if isinstance(item, CheckedImage):
+    item = item.encoded
   what = _describe(item)
   if item is None:
     raise BadRecord("image_missing", "the record has None in place of an image")
@@ -215,7 +237,7 @@ def decode_image(
       raise BadRecord("image_missing", f"{what}: {e.strerror or e}") from None
     if not stat.S_ISREG(info.st_mode):
       raise BadRecord("image_missing", f"{what}: not a regular file")
-    _check_byte_count(info.st_size, what, min_bytes)
+    _check_byte_count(info.st_size, what, min_bytes, max_bytes)
     try:
       f = open(item, "rb")
     except OSError as e:  # deleted since the stat, unreadable, ...
@@ -224,7 +246,7 @@ def decode_image(
       return _pil_to_rgb(_decode_file(f, what, min_side, max_pixels))
   if isinstance(item, (bytes, bytearray, memoryview)):
     data = bytes(item)
-    _check_byte_count(len(data), what, min_bytes)
+    _check_byte_count(len(data), what, min_bytes, max_bytes)
     return _pil_to_rgb(_decode_file(io.BytesIO(data), what, min_side, max_pixels))
   if isinstance(item, Image.Image):
     _check_dims(*item.size, what, min_side, max_pixels)
@@ -241,6 +263,36 @@ def decode_image(
       raise BadRecord("image_undecodable", str(e)) from None
   raise BadRecord("image_undecodable", f"unsupported image type {type(item).__name__}; expected a "
                                        "path, bytes, PIL.Image or numpy array")
+
+
+def check_image(
+  data: bytes,
+  *,
+  size: int | None,
+  min_side: int = DEFAULT_MIN_SIDE,
+  max_pixels: int | None = DEFAULT_MAX_PIXELS,
+  min_bytes: int = 0,
+  max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> CheckedImage:
+  """Decodes and checks encoded image bytes once, for a reader that must know now whether an image
+  is usable (to leave it out of its document before laying out the `<image>` tokens).
+
+  Args:
+    data: the encoded file.
+    size: the training image side S: the CLIP crop is kept (uint8[S, S, 3], not normalised), so the
+      transform does not decode again; None only validates (a TFDS build stores the bytes).
+    min_side, max_pixels, min_bytes, max_bytes: as `decode_image`.
+
+  Returns:
+    CheckedImage(encoded=data, pixels=uint8[S, S, 3] or None).
+
+  Raises:
+    BadRecord: as `decode_image`.
+  """
+  rgb = decode_image(data, min_side=min_side, max_pixels=max_pixels, min_bytes=min_bytes,
+                     max_bytes=max_bytes)
+  pixels = None if size is None else clip_preprocess(rgb, size, normalize=False)
+  return CheckedImage(bytes(data), pixels)
 
 
 def to_rgb_uint8(image: Any) -> np.ndarray:
@@ -357,7 +409,8 @@ def stack_images(
 
   Raises:
     BadRecord: if any image is unusable; the caller drops the whole record, since leaving one image
-      out would shift every later image onto the wrong `<image>` token.
+      out here would shift every later image onto the wrong `<image>` token (web readers leave bad
+      images out earlier, with `check_image`, before the tokens are placed).
     ValueError: if there are more images than slots (dropping some silently could misalign images
       and `<image>` tokens; the caller decides which to keep).
   """
@@ -368,6 +421,10 @@ def stack_images(
     raise ValueError(f"image dtype must be float32 or uint8, got {dtype}")
   out = np.zeros((max_images, size, size, 3), dtype)
   for i, image in enumerate(images):
-    rgb = decode_image(image, min_side=min_side, max_pixels=max_pixels, min_bytes=min_bytes)
+    if (isinstance(image, CheckedImage) and image.pixels is not None
+        and image.pixels.shape == (size, size, 3)):
+      rgb = image.pixels  # decoded, checked and cropped by the reader: only normalising is left
+    else:
+      rgb = decode_image(image, min_side=min_side, max_pixels=max_pixels, min_bytes=min_bytes)
     out[i] = clip_preprocess(rgb, size, normalize=dtype == np.float32, **preprocess_kwargs)
   return out, len(images)

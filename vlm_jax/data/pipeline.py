@@ -45,7 +45,7 @@ from vlm_jax.data.augment import JointFlip
 from vlm_jax.data.counting import CountingBatch, StatsCollector
 from vlm_jax.data.formats import llava_json, mmc4, obelics, webdataset
 from vlm_jax.data.formats import transforms as web_transforms
-from vlm_jax.data.records import BadRecord, Skip, skipping
+from vlm_jax.data.records import BadRecord, Skip, skip_for_error, skipping
 from vlm_jax.data.tfds import source as tfds_source
 from vlm_jax.data.tokenizer import load_tokenizer
 
@@ -81,7 +81,8 @@ def _field(config: Any, name: str, default: Any = _REQUIRED) -> Any:
 
 
 class SkippingSource:
-  """A random-access source whose bad records come back as `Skip` markers instead of exceptions."""
+  """A random-access source whose bad records come back as `Skip` markers instead of exceptions
+  (`BadRecord` with its reason; anything else as "record_error", see `records.skip_for_error`)."""
 
   def __init__(self, source):
     self.source = source
@@ -93,7 +94,9 @@ class SkippingSource:
     try:
       return self.source[index]
     except BadRecord as e:
-      return Skip(e.reason, e.detail)
+      return Skip(e.reason, e.detail, e.dropped_images)
+    except Exception as e:  # pylint: disable=broad-except  # one record must never stop a run
+      return skip_for_error(e, f"{type(self.source).__name__}[{index}]")
 
   def __repr__(self) -> str:
     return f"SkippingSource({self.source!r})"

@@ -1,17 +1,19 @@
-"""Getting one image's encoded bytes out of a web-corpus record, and judging if they are usable.
+"""Getting one image's encoded bytes out of a web-corpus record, and judging if it is usable.
 
-Readers keep images as encoded bytes (decoding and resizing happen in the transform, in the workers
-that batch them); here they only fetch the bytes and apply the cheap checks that decide whether an
-image takes part in the document at all:
+Readers fetch each image's bytes and decode it once, here (`check_image`, through
+`images.check_image`: header checks first, then a full decode), so they know which images are usable
+*before* they place `<image>` tokens; the CLIP crop travels on in the record as a
+`records.CheckedImage` and the transform does not decode again. An unusable image is reported as an
+`ImageProblem` (not a `BadRecord`), and the reader leaves it out of the document (or, with
+`on_bad_image="drop_record"`, drops the document):
 
-  missing file / no payload -> "image_missing"     zero bytes               -> "image_empty"
-  fewer than min_bytes      -> "image_too_small"   not a known image format -> "image_undecodable"
+  missing file / no payload -> "image_missing"     zero bytes                 -> "image_empty"
+  fewer than min_bytes      -> "image_too_small"   a side < min_side          -> "image_too_small"
+  W * H > max_pixels        -> "image_too_large"   file > max_bytes           -> "image_too_large"
+  corrupt / truncated / not an image (an HTML error page, ...)                -> "image_undecodable"
+  a name seen earlier in the same document                                    -> "image_duplicate"
 
-An unusable image is reported as an `ImageProblem` (not a `BadRecord`): the reader leaves it out
-*before* it places `<image>` tokens, which is what OpenFlamingo does (its MMC4 loader skips images
-without bytes or under its size limit), so no token ever loses its image. Only the PIL header is
-read here; a corrupt body is caught later when the transform decodes, and then the whole record
-goes.
+OpenFlamingo's size floor (`min_bytes`) and duplicates only ever leave the image out (`floor`).
 """
 
 from __future__ import annotations
@@ -19,21 +21,23 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
-import io
 import os
 from collections.abc import Sequence
 
-from PIL import Image, UnidentifiedImageError
-
-from vlm_jax.data.records import BadRecord
+from vlm_jax.data import images
+from vlm_jax.data.records import BadRecord, CheckedImage
 
 
 class ImageProblem(Exception):
-  """An image that cannot take part in its document; `reason` is a `records.REASONS` name."""
+  """An image that cannot take part in its document; `reason` is a `records.REASONS` name.
 
-  def __init__(self, reason: str, detail: str):
+  `floor`: the image is only left out, never the reason to drop its document (OpenFlamingo's
+  byte-size filter, duplicate names).
+  """
+
+  def __init__(self, reason: str, detail: str, floor: bool = False):
     super().__init__(f"{reason}: {detail}")
-    self.reason, self.detail = reason, detail
+    self.reason, self.detail, self.floor = reason, detail, floor
 
 
 def decode_base64(payload: str, what: str) -> bytes:
@@ -54,8 +58,9 @@ def decode_base64(payload: str, what: str) -> bytes:
     raise ImageProblem("image_undecodable", f"{what}: invalid base64 ({e})") from None
 
 
-def read_image_file(image_dir: str | None, name: str, what: str) -> bytes:
-  """Bytes of `image_dir/name`.
+def read_image_file(image_dir: str | None, name: str, what: str,
+                    max_bytes: int | None = images.DEFAULT_MAX_BYTES) -> bytes:
+  """Bytes of `image_dir/name`; a file over `max_bytes` is not read.
 
   `name` must stay inside `image_dir` (web data names files; it must not make us read /etc).
   """
@@ -70,6 +75,10 @@ def read_image_file(image_dir: str | None, name: str, what: str) -> bytes:
     raise ImageProblem("image_missing", f"{what}: {name!r} points outside image_dir")
   try:
     with open(path, "rb") as f:
+      size = os.fstat(f.fileno()).st_size
+      if max_bytes is not None and size > max_bytes:
+        raise ImageProblem("image_too_large", f"{what}: {path} has {size} bytes > "
+                           f"max_image_bytes={max_bytes}")
       return f.read()
   except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
     raise ImageProblem("image_missing", f"{what}: {path} does not exist") from None
@@ -77,19 +86,24 @@ def read_image_file(image_dir: str | None, name: str, what: str) -> bytes:
     raise ImageProblem("image_missing", f"{what}: cannot read {path} ({e})") from None
 
 
-def check_image_bytes(data: bytes, min_bytes: int, what: str) -> bytes:
-  """`data` if it is non-empty, at least `min_bytes` long and starts like an image; else raises."""
-  if not data:
-    raise ImageProblem("image_empty", f"{what}: zero bytes")
-  if len(data) < min_bytes:
-    raise ImageProblem("image_too_small",
-                       f"{what}: {len(data)} bytes < min_image_bytes={min_bytes}")
+def check_image(data: bytes, what: str, *, size: int | None, min_bytes: int = 0,
+                min_side: int = images.DEFAULT_MIN_SIDE,
+                max_pixels: int | None = images.DEFAULT_MAX_PIXELS,
+                max_bytes: int | None = images.DEFAULT_MAX_BYTES) -> CheckedImage:
+  """`data` decoded and checked (`images.check_image`); raises ImageProblem if unusable."""
+  if data and len(data) < min_bytes:
+    raise ImageProblem("image_too_small", f"{what}: {len(data)} bytes < min_image_bytes="
+                       f"{min_bytes}", floor=True)
   try:
-    Image.open(io.BytesIO(data))  # lazy: parses the header only
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    # Typically an HTML error page saved under the image's name by a downloader.
-    raise ImageProblem("image_undecodable", f"{what}: not an image ({e})") from None
-  return data
+    return images.check_image(data, size=size, min_side=min_side, max_pixels=max_pixels,
+                              max_bytes=max_bytes)
+  except BadRecord as e:
+    raise ImageProblem(e.reason, f"{what}: {e.detail}") from None
+
+
+def dropped_counts(problems: Sequence[ImageProblem]) -> dict[str, int]:
+  """{reason: number of images} of the images a reader left out."""
+  return dict(collections.Counter(p.reason for p in problems))
 
 
 def no_usable_image(problems: Sequence[ImageProblem], record_id: str) -> BadRecord:
@@ -102,4 +116,5 @@ def no_usable_image(problems: Sequence[ImageProblem], record_id: str) -> BadReco
   reason = counts.most_common(1)[0][0]
   first = next(p for p in problems if p.reason == reason)
   return BadRecord(
-    reason, f"no usable image of {len(problems)} ({dict(counts)}); e.g. {first.detail}")
+    reason, f"no usable image of {len(problems)} ({dict(counts)}); e.g. {first.detail}",
+    dropped_images=dict(counts))

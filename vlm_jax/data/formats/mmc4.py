@@ -11,8 +11,10 @@ them) or else from `image_dir/<image_name>`.
 OpenFlamingo's `preprocess_interleaved` (repository main branch) does, up to tokenization:
 
   1. images without bytes or under `min_image_bytes` are left out (OF: no "image_base64" -> skipped;
-     `len(bytes) // 1000 <= 10` -> skipped, i.e. under 11,000 bytes); so are files that are empty or
-     not an image (OF would crash the document on those; reference/flamingo.md §2.2);
+     `len(bytes) // 1000 <= 10` -> skipped, i.e. under 11,000 bytes); so is every image that does
+     not decode or fails the size limits (`DocumentOptions`; OF would crash or drop the document on
+     those, reference/flamingo.md §2.2), and a repeated `image_name` (the first one stays). Each is
+     counted under `dropped_images/<reason>`; `on_bad_image="drop_record"` drops the document;
   2. the remaining images are matched one-to-one to sentences on the similarity matrix (Hungarian,
      maximum total similarity; `matching="argmax"` is the PyPI release's rule) and pairs with
      similarity < `sim_threshold` are dropped. The default 0.24 is what OF's README and paper use;
@@ -43,7 +45,7 @@ import numpy as np
 from vlm_jax.data.formats import config_fields, image_payloads, matching, of_layout
 from vlm_jax.data.formats.doc_options import DocumentOptions
 from vlm_jax.data.formats.line_index import LineIndex
-from vlm_jax.data.records import BadRecord
+from vlm_jax.data.records import DROPPED_KEY, BadRecord, CheckedImage
 
 @dataclasses.dataclass(frozen=True)
 class MMC4Options(DocumentOptions):
@@ -106,12 +108,21 @@ def image_bytes(info: dict[str, Any], image_dir: str | None, what: str) -> bytes
   return image_payloads.read_image_file(image_dir, info.get("image_name"), what)
 
 
-def _usable_images(infos: Sequence[dict], options: MMC4Options,
-                   record_id: str) -> tuple[list[int], list[bytes]]:
-  rows, payloads = [], []
+def _usable_images(
+  infos: Sequence[dict], options: MMC4Options, record_id: str
+) -> tuple[list[int], list[CheckedImage], list[image_payloads.ImageProblem]]:
+  """(rows of `infos` whose image is usable, their checked images, the problems of the others)."""
+  rows, payloads, names = [], [], set()
   problems: list[image_payloads.ImageProblem] = []
   for i, info in enumerate(infos):
-    what = f"{record_id} image {i} ({info.get('image_name', '?')})"
+    name = info.get("image_name")
+    what = f"{record_id} image {i} ({name if name is not None else '?'})"
+    if isinstance(name, str) and name:
+      if name in names:
+        problems.append(image_payloads.ImageProblem(
+          "image_duplicate", f"{what}: listed before in this document", floor=True))
+        continue
+      names.add(name)
     data = options.usable_image(
       lambda: image_bytes(info, options.image_dir, what), what, problems)  # noqa: B023
     if data is None:
@@ -120,7 +131,7 @@ def _usable_images(infos: Sequence[dict], options: MMC4Options,
     payloads.append(data)
   if not rows:
     raise image_payloads.no_usable_image(problems, record_id)
-  return rows, payloads
+  return rows, payloads, problems
 
 
 def build_record(
@@ -132,15 +143,21 @@ def build_record(
     BadRecord: with the reasons listed in the module docstring.
   """
   doc = parse_document(raw, record_id)
-  rows, payloads = _usable_images(doc["infos"], options, record_id)
+  rows, payloads, problems = _usable_images(doc["infos"], options, record_id)
+  dropped = image_payloads.dropped_counts(problems)
   pairs = matching.assign_images(doc["sim"][rows], options.sim_threshold, options.matching)
   if not pairs:
     raise BadRecord("no_image", f"{record_id}: no image-sentence similarity >= "
-                    f"sim_threshold={options.sim_threshold} among {len(rows)} usable images")
+                    f"sim_threshold={options.sim_threshold} among {len(rows)} usable images",
+                    dropped)
   pairs.sort(key=lambda p: (p[1], p[0]))  # text order; argmax ties keep image order
   text, placed = of_layout.interleave(doc["sentences"], [s for _, s in pairs], options.max_images)
-  options.check_single_image(text, placed, index, record_id)
-  return {"text": text, "images": [payloads[r] for r, _ in pairs[:placed]], "id": record_id}
+  try:
+    options.check_single_image(text, placed, index, record_id)
+  except BadRecord as e:
+    raise BadRecord(e.reason, e.detail, dropped) from None
+  return {"text": text, "images": [payloads[r] for r, _ in pairs[:placed]], "id": record_id,
+          DROPPED_KEY: dropped}
 
 
 class MMC4Source:
@@ -175,7 +192,8 @@ class MMC4Source:
 def make_source(data_config: Any, split: str) -> MMC4Source:
   """MMC4Source from config.data: `paths` (required; see config_fields), `image_dir`,
   `sim_threshold`, `min_image_bytes`, `max_images`, `matching`, `single_image_keep_prob`,
-  `on_bad_image`, `seed` (all optional, OpenFlamingo's values by default)."""
+  `on_bad_image`, `seed`, `image_size`, `min_image_side`, `max_image_pixels`, `max_image_bytes`
+  (all optional, OpenFlamingo's values by default)."""
   return MMC4Source(config_fields.shard_paths(data_config, split, reader="mmc4"),
                     MMC4Options.from_config(data_config))
 

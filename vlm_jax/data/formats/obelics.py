@@ -8,7 +8,8 @@ looked up at `image_dir/<URL without its scheme>` (the layout `wget --force-dire
 Records use OpenFlamingo's MMC4 layout (`of_layout.interleave`): each image goes before the text
 that follows it, a chunk runs to the next image and ends with `<|endofchunk|>`, and the document
 ends with `<|endoftext|>`; at most `max_images` images, the text cut before the next one. Bad images
-(missing, empty, not an image, under `min_image_bytes`) are skipped before layout, as for MMC4. OF
+(missing, empty, undecodable, outside the size limits, under `min_image_bytes`) are left out before
+layout and counted, as for MMC4 (`DocumentOptions`). OF
 never trained on OBELICS, so its single-image coin is off by default (`single_image_keep_prob=1.0`).
 
 Random access: the (file, row group, row) of every global index comes from the parquet footers, read
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from vlm_jax.data.formats import config_fields, image_payloads, of_layout
 from vlm_jax.data.formats.doc_options import DocumentOptions
-from vlm_jax.data.records import BadRecord
+from vlm_jax.data.records import DROPPED_KEY, BadRecord, CheckedImage
 
 COLUMNS = ("texts", "images")
 
@@ -69,7 +70,7 @@ def build_record(texts: Any, images: Any, *, index: int, record_id: str,
                     f"length, got {type(texts).__name__}/{type(images).__name__}")
   sentences: list[str] = []
   slots: list[int] = []
-  payloads: list[bytes] = []
+  payloads: list[CheckedImage] = []
   problems: list[image_payloads.ImageProblem] = []
   for k, (text, image) in enumerate(zip(texts, images)):
     if (text is None) == (image is None):
@@ -89,9 +90,13 @@ def build_record(texts: Any, images: Any, *, index: int, record_id: str,
     payloads.append(data)
   if not slots:
     raise image_payloads.no_usable_image(problems, record_id)
+  dropped = image_payloads.dropped_counts(problems)
   text, placed = of_layout.interleave(sentences, slots, options.max_images)
-  options.check_single_image(text, placed, index, record_id)
-  return {"text": text, "images": payloads[:placed], "id": record_id}
+  try:
+    options.check_single_image(text, placed, index, record_id)
+  except BadRecord as e:
+    raise BadRecord(e.reason, e.detail, dropped) from None
+  return {"text": text, "images": payloads[:placed], "id": record_id, DROPPED_KEY: dropped}
 
 
 class ObelicsSource:
@@ -177,6 +182,7 @@ class ObelicsSource:
 
 def make_source(data_config: Any, split: str) -> ObelicsSource:
   """ObelicsSource from config.data: `paths` (required; see config_fields), `image_dir`,
-  `max_images`, `min_image_bytes`, `single_image_keep_prob`, `on_bad_image`, `seed` (optional)."""
+  `max_images`, `min_image_bytes`, `single_image_keep_prob`, `on_bad_image`, `seed`, `image_size`,
+  `min_image_side`, `max_image_pixels`, `max_image_bytes` (optional)."""
   return ObelicsSource(config_fields.shard_paths(data_config, split, reader="obelics"),
                        ObelicsOptions.from_config(data_config))

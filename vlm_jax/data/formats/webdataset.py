@@ -120,7 +120,8 @@ class WebDatasetSource:
     if not of_layout.remove_special_tokens(caption_text).strip():
       raise BadRecord("text_empty", f"{record_id}: empty caption")
     try:
-      image = image_payloads.check_image_bytes(image, 0, record_id)
+      # OF's LAION loader has no byte-size floor (that is its MMC4 rule).
+      image = self.options.check_image(image, record_id, min_bytes=0)
     except image_payloads.ImageProblem as p:  # a pair has one image: without it there is nothing
       raise BadRecord(p.reason, p.detail) from None
     return {"text": of_layout.pair_text(caption_text), "images": [image], "id": record_id}
@@ -128,7 +129,8 @@ class WebDatasetSource:
 
 def make_source(data_config: Any, split: str) -> WebDatasetSource:
   """WebDatasetSource from config.data: `paths` (required; see config_fields), `kind` (required:
-  "pairs" or "interleaved"), and for "interleaved" the MMC4 fields (`sim_threshold`,
+  "pairs" or "interleaved"), the image checks (`image_size`, `min_image_side`, `max_image_pixels`,
+  `max_image_bytes`), and for "interleaved" the MMC4 fields (`sim_threshold`,
   `min_image_bytes`, `max_images`, `matching`, `single_image_keep_prob`, `on_bad_image`, `seed`,
   `image_dir`; see `mmc4.make_source`)."""
   reader = "webdataset"

@@ -11,7 +11,7 @@ r"""Build a TFDS ArrayRecord dataset of finished records from a local corpus.
 --paths SPLIT=GLOB (repeatable; a bare GLOB is the train split) becomes config.data.paths (for
 llava config.data.path: one file per split); --set KEY=VALUE sets any other config.data field the
 reader takes (JSON values: sim_threshold=0.24, min_image_bytes=11000, max_images=6,
-matching=hungarian, single_image_keep_prob=0.5, on_bad_image=skip, seed=0, image_dir=...).
+matching=hungarian, single_image_keep_prob=0.5, on_bad_image=drop_image, seed=0, image_dir=...).
 
 Train from it with config.data.source="tfds" and config.data.tfds_dir=OUT/NAME/VERSION (or
 tfds_name=NAME, tfds_data_dir=OUT); see vlm_jax.data.tfds.source.

@@ -59,7 +59,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from vlm_jax.data.formats import config_fields, llava_json, mmc4, obelics, webdataset
-from vlm_jax.data.records import BadRecord
+from vlm_jax.data.records import DROPPED_KEY, BadRecord, Skip, skip_for_error
 from vlm_jax.data.tfds import schema
 
 SOURCES = ("mmc4", "obelics", "webdataset", "llava")
@@ -125,6 +125,7 @@ class _ShardResult:
   written: int = 0
   num_bytes: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  dropped_images: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
@@ -138,14 +139,19 @@ def _write_shard(task: _ShardTask, source, serializer: schema.Serializer,
   try:
     for index in range(task.start, task.stop):
       try:
-        data = serializer(source[index])
-      except BadRecord as e:
-        result.skipped[e.reason] += 1
-        unreported_skipped[e.reason] += 1
-        kept = result.examples.setdefault(e.reason, [])
+        record = source[index]
+        data = serializer(record)
+      except Exception as e:  # pylint: disable=broad-except  # one record must not stop a build
+        skip = (Skip(e.reason, e.detail, e.dropped_images) if isinstance(e, BadRecord)
+                else skip_for_error(e, f"{task.split} index {index}"))
+        result.skipped[skip.reason] += 1
+        result.dropped_images.update(skip.dropped_images)
+        unreported_skipped[skip.reason] += 1
+        kept = result.examples.setdefault(skip.reason, [])
         if len(kept) < SKIP_EXAMPLES:
-          kept.append(f"index {index}: {e.detail}"[:300])
+          kept.append(f"index {index}: {skip.detail}"[:300])
       else:
+        result.dropped_images.update(record.get(DROPPED_KEY) or {})
         writer.write(data)
         result.written += 1
         result.num_bytes += len(data)
@@ -218,7 +224,12 @@ class RecordsBuilder:
     """{split: the reader's random-access source} (built once; indexing the input happens here)."""
     if self._sources is None:
       reader = _READERS[self.source]
-      self._sources = {split: reader.make_source(self.data_config, split) for split in self.splits}
+      # Readers decode every image to judge it, but the stored record keeps the encoded bytes: no
+      # crop at a training size is made (image_size=None).
+      config = dict(self.data_config.to_dict() if hasattr(self.data_config, "to_dict")
+                    else self.data_config)
+      config["image_size"] = None
+      self._sources = {split: reader.make_source(config, split) for split in self.splits}
     return self._sources
 
   def source_sizes(self) -> dict[str, int]:
@@ -277,15 +288,17 @@ class RecordsBuilder:
     splits = {}
     for split in self.splits:
       mine = [r for r in results if r.task.split == split]
-      skipped, examples = collections.Counter(), {}
+      skipped, dropped, examples = collections.Counter(), collections.Counter(), {}
       for r in mine:
         skipped.update(r.skipped)
+        dropped.update(r.dropped_images)
         for reason, details in r.examples.items():
           examples.setdefault(reason, []).extend(details)
       splits[split] = {
         "source_records": len(sources[split]),
         "written": sum(r.written for r in mine),
         "skipped": dict(sorted(skipped.items())),
+        "dropped_images": dict(sorted(dropped.items())),
         "skipped_examples": {k: v[:SKIP_EXAMPLES] for k, v in sorted(examples.items())},
       }
     first = sources[self.splits[0]]

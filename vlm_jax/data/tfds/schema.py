@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
-from vlm_jax.data.records import BadRecord
+from vlm_jax.data.records import BadRecord, CheckedImage
 
 KINDS = ("interleaved", "pairs", "llava")
 # Version of the stored layout (a TFDS dataset version: the directory name under the dataset).
@@ -52,12 +52,15 @@ def features(kind: str) -> tfds.features.FeaturesDict:
 
 
 def image_bytes(item: Any, record_id: str) -> bytes:
-  """One record image as encoded bytes: bytes as they are, a path read from disk.
+  """One record image as encoded bytes: bytes as they are, a reader's `CheckedImage` by its
+  original bytes, a path read from disk.
 
   Raises:
     BadRecord("image_missing"): the path cannot be read.
     TypeError: for decoded images (PIL / arrays): records to store must keep them encoded.
   """
+  if isinstance(item, CheckedImage):
+    return item.encoded
   if isinstance(item, (bytes, bytearray, memoryview)):
     return bytes(item)
   if isinstance(item, (str, os.PathLike)):
