@@ -173,7 +173,7 @@ def test_make_source(tmp_path, laion_shard):
     webdataset.make_source({"paths": laion_shard, "kind": "vqa"}, "train")
   with pytest.raises(ValueError, match="not a file"):
     webdataset.make_source({"paths": [str(tmp_path / "nope.tar")], "kind": "pairs"}, "train")
-  with pytest.raises(ValueError, match="brace ranges"):
+  with pytest.raises(ValueError, match=r"000\.tar' \(and 9 more\) is not a file"):
     webdataset.make_source({"paths": str(tmp_path / "{000..009}.tar"), "kind": "pairs"}, "train")
   interleaved = webdataset.make_source(
     {"paths": [laion_shard], "kind": "interleaved", "sim_threshold": 0.3}, "train")

@@ -43,6 +43,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from vlm_jax.data import files
 from vlm_jax.data.records import BadRecord, CheckedImage
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -230,6 +231,13 @@ def decode_image(
   what = _describe(item)
   if item is None:
     raise BadRecord("image_missing", "the record has None in place of an image")
+  if isinstance(item, str) and files.is_url(item):  # a remote object (LLaVA's image_dir on gs://)
+    try:
+      item = files.read_bytes(item) if max_bytes is None or files.size(item) <= max_bytes else None
+    except (OSError, ValueError) as e:  # FileNotFoundError, a backend's own errors
+      raise BadRecord("image_missing", f"{what}: {e}") from None
+    if item is None:
+      raise BadRecord("image_too_large", f"{what}: more than max_bytes={max_bytes} bytes")
   if isinstance(item, (str, os.PathLike)):
     try:
       info = os.stat(item)

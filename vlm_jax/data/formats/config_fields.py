@@ -4,17 +4,20 @@ Every reader's `make_source(data_config, split)` reads its fields through `field
 through `shard_paths`, so a missing field, an empty glob or a missing file fails at construction
 with the field name and what was expected, not with a KeyError deep inside a worker.
 
-`config.data.paths` is a glob string, a list of paths/globs, or a mapping from split to either
-(`{"train": "mmc4/*.jsonl", "eval": ["mmc4/val_0.jsonl"]}`). A plain glob or list is the train split
-only: an eval run against it is refused rather than silently evaluating on training data.
+`config.data.paths` is a pattern, a list of patterns, or a mapping from split to either
+(`{"train": "mmc4/*.jsonl", "eval": ["mmc4/val_0.jsonl"]}`). A pattern is a path, a glob, or a
+WebDataset / OpenFlamingo brace range (`gs://bucket/mmc4/{000000000..000001023}.tar`), local or
+remote (`vlm_jax.data.files`). A plain pattern or list is the train split only: an eval run against
+it is refused rather than silently evaluating on training data.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Sequence
 from typing import Any
+
+from vlm_jax.data import files
 
 REQUIRED = object()
 
@@ -37,18 +40,12 @@ def field(config: Any, name: str, default: Any = REQUIRED, *, reader: str) -> An
 
 
 def _expand(pattern: str, reader: str) -> list[str]:
-  pattern = os.path.expanduser(os.fspath(pattern))
-  # webdataset users write shard ranges as {000..099}; say so instead of "no such file".
-  hint = " (brace ranges like {000..099} are not expanded; use a glob or a list)" if (
-    "{" in pattern and ".." in pattern) else ""
-  if not glob.has_magic(pattern):
-    if not os.path.isfile(pattern):
-      raise ValueError(f"{reader}: config.data.paths names {pattern!r}, which is not a file{hint}.")
-    return [pattern]
-  matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
-  if not matches:
-    raise ValueError(f"{reader}: config.data.paths pattern {pattern!r} matches no files{hint}.")
-  return matches
+  found, missing = files.expand(os.fspath(pattern))
+  if missing:
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise ValueError(f"{reader}: config.data.paths {os.fspath(pattern)!r}: {missing[0]!r}{more} "
+                     "is not a file or matches no files.")
+  return found
 
 
 def split_value(config: Any, name: str, split: str, *, reader: str,
@@ -95,7 +92,7 @@ def image_dir(config: Any, *, reader: str) -> str | None:
   path = field(config, "image_dir", None, reader=reader)
   if path is None:
     return None
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.isdir(path):
+  path = files.local_path(path)
+  if not files.isdir(path):
     raise ValueError(f"{reader}: config.data.image_dir={path!r} is not a directory.")
   return path

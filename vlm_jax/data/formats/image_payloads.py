@@ -21,10 +21,9 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
-import os
 from collections.abc import Sequence
 
-from vlm_jax.data import images
+from vlm_jax.data import files, images
 from vlm_jax.data.records import BadRecord, CheckedImage
 
 
@@ -60,7 +59,8 @@ def decode_base64(payload: str, what: str) -> bytes:
 
 def read_image_file(image_dir: str | None, name: str, what: str,
                     max_bytes: int | None = images.DEFAULT_MAX_BYTES) -> bytes:
-  """Bytes of `image_dir/name`; a file over `max_bytes` is not read.
+  """Bytes of `image_dir/name` (local or remote, `vlm_jax.data.files`); a file over `max_bytes` is
+  not read.
 
   `name` must stay inside `image_dir` (web data names files; it must not make us read /etc).
   """
@@ -69,13 +69,13 @@ def read_image_file(image_dir: str | None, name: str, what: str,
                        f"{what}: no bytes in the record and no config.data.image_dir")
   if not isinstance(name, str) or not name:
     raise ImageProblem("image_missing", f"{what}: no file name")
-  root = os.path.abspath(image_dir)
-  path = os.path.abspath(os.path.join(root, name))
-  if os.path.commonpath([root, path]) != root:
+  path = files.join_inside(image_dir, name)
+  if path is None:
     raise ImageProblem("image_missing", f"{what}: {name!r} points outside image_dir")
   try:
-    with open(path, "rb") as f:
-      size = os.fstat(f.fileno()).st_size
+    with files.open_file(path) as f:
+      size = f.seek(0, 2)  # the size without a separate stat (one round trip for remote objects)
+      f.seek(0)
       if max_bytes is not None and size > max_bytes:
         raise ImageProblem("image_too_large", f"{what}: {path} has {size} bytes > "
                            f"max_image_bytes={max_bytes}")

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vlm_jax.data import files
+
 _BLOCK = 1 << 26  # 64 MiB per read
 _NEWLINE = ord("\n")
 
@@ -24,7 +26,7 @@ def index_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
   A last line without a trailing newline counts; empty lines ("\\n\\n") are left out.
   """
   newlines = []
-  with open(path, "rb") as f:
+  with files.open_file(path) as f:
     pos = 0
     while block := f.read(_BLOCK):
       newlines.append(np.flatnonzero(np.frombuffer(block, np.uint8) == _NEWLINE) + pos)
@@ -65,6 +67,6 @@ class LineIndex:
   def read(self, index: int) -> tuple[int, int, bytes]:
     """(shard number, line number in shard, the line's bytes)."""
     shard, line, start, length = self.locate(index)
-    with open(self.paths[shard], "rb") as f:
+    with files.open_file(self.paths[shard]) as f:
       f.seek(start)
       return shard, line, f.read(length)

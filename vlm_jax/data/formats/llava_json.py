@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm_jax.data import files
 from vlm_jax.data.formats import config_fields
 from vlm_jax.data.records import BadRecord
 
@@ -52,15 +53,14 @@ class LlavaJsonSource:
   """
 
   def __init__(self, path: str | os.PathLike, image_dir: str | os.PathLike | None = None):
-    self.path = os.fspath(path)
-    if not os.path.isfile(self.path):
+    self.path = files.local_path(path)
+    if not files.isfile(self.path):
       raise ValueError(f"{_READER}: {self.path!r} is not a file.")
-    self.image_dir = os.fspath(image_dir) if image_dir is not None else os.path.dirname(self.path)
-    if not os.path.isdir(self.image_dir):
+    self.image_dir = os.fspath(image_dir) if image_dir is not None else files.dirname(self.path)
+    if not files.isdir(self.image_dir):
       raise ValueError(f"{_READER}: image_dir {self.image_dir!r} is not a directory.")
-    self.name = os.path.basename(self.path)
-    with open(self.path, "rb") as f:
-      raw = f.read()
+    self.name = files.basename(self.path)
+    raw = files.read_bytes(self.path)
     if raw.lstrip()[:1] == b"[":
       try:
         entries = json.loads(raw)
@@ -118,8 +118,10 @@ class LlavaJsonSource:
     if image is None:
       images = []
     elif isinstance(image, str) and image:
-      image_path = os.path.join(self.image_dir, image)
-      if not os.path.isfile(image_path):
+      image_path = files.join_inside(self.image_dir, image)
+      if image_path is None:
+        raise BadRecord("image_missing", f"{where}: {image!r} points outside image_dir")
+      if not files.isfile(image_path):
         raise BadRecord("image_missing", f"{where}: {image_path} does not exist")
       images = [image_path]
     else:
@@ -133,4 +135,4 @@ def make_source(data_config: Any, split: str) -> LlavaJsonSource:
   `image_dir` (optional; default the JSON file's folder)."""
   image_dir = config_fields.image_dir(data_config, reader=_READER)
   path = config_fields.split_value(data_config, "path", split, reader=_READER)
-  return LlavaJsonSource(os.path.expanduser(os.fspath(path)), image_dir)
+  return LlavaJsonSource(path, image_dir)

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
+from vlm_jax.data import files
 from vlm_jax.data.formats import config_fields, image_payloads, matching, of_layout
 from vlm_jax.data.formats.doc_options import DocumentOptions
 from vlm_jax.data.formats.line_index import LineIndex
@@ -173,7 +173,7 @@ class MMC4Source:
       raise ValueError("MMC4Source: no shard paths given.")
     self.options = options or MMC4Options()
     self._index = LineIndex(paths, num_threads=index_threads)
-    self._names = [os.path.basename(p) for p in self._index.paths]
+    self._names = [files.basename(p) for p in self._index.paths]
 
   def __len__(self) -> int:
     return len(self._index)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow.parquet as pq
 
+from vlm_jax.data import files
 from vlm_jax.data.formats import config_fields, image_payloads, of_layout
 from vlm_jax.data.formats.doc_options import DocumentOptions
 from vlm_jax.data.records import DROPPED_KEY, BadRecord, CheckedImage
@@ -108,18 +109,18 @@ class ObelicsSource:
       raise ValueError("ObelicsSource: no parquet paths given.")
     self.options = options or ObelicsOptions()
     self.paths = [os.fspath(p) for p in paths]
-    self._names = [os.path.basename(p) for p in self.paths]
+    self._names = [files.basename(p) for p in self.paths]
     group_file, group_number, group_rows, group_first_row = [], [], [], []
     for f, path in enumerate(self.paths):
       try:
-        file = pq.ParquetFile(path)
+        with files.open_file(path) as fp:
+          parquet = pq.ParquetFile(fp)
+          columns, meta = parquet.schema_arrow.names, parquet.metadata
       except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet files
         raise ValueError(f"obelics: cannot read parquet metadata of {path}: {e}") from e
-      columns = file.schema_arrow.names
       missing = [c for c in COLUMNS if c not in columns]
       if missing:
         raise ValueError(f"obelics: {path} has no column(s) {missing}; it has {columns}.")
-      meta = file.metadata
       first_row = 0
       for g in range(meta.num_row_groups):
         group_file.append(f)
@@ -159,8 +160,9 @@ class ObelicsSource:
         self._cache.move_to_end(group)
         return self._cache[group]
     path = self.paths[self._group_file[group]]
-    table = pq.ParquetFile(path).read_row_group(int(self._group_number[group]),
-                                                columns=list(COLUMNS))
+    with files.open_file(path) as f:
+      table = pq.ParquetFile(f).read_row_group(int(self._group_number[group]),
+                                               columns=list(COLUMNS))
     with self._lock:
       self._cache[group] = table
       while len(self._cache) > self._cached_row_groups:

@@ -16,12 +16,13 @@ and is reported as truncated; reading it never raises anything but the caller's 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import tarfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from vlm_jax.data import files
 
 BLOCK = 512
 # webdataset's `base_plus_ext`: key = everything up to the first dot of the last path component.
@@ -49,7 +50,7 @@ def split_key(name: str) -> tuple[str, str] | None:
 
 
 def _end_marker_ok(path: str, offset: int) -> bool:
-  with open(path, "rb") as f:
+  with files.open_file(path) as f:
     f.seek(offset)
     block = f.read(BLOCK)
   return len(block) == BLOCK and not any(block)
@@ -61,15 +62,15 @@ def index_shard(path: str, slots: Sequence[Sequence[str]]) -> ShardIndex:
   Raises:
     ValueError: for a gzip-compressed shard (members of a compressed stream cannot be seeked to).
   """
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  size = files.size(path)
+  with files.open_file(path) as f:
     if f.read(2) == b"\x1f\x8b":
       raise ValueError(f"webdataset: {path} is gzip-compressed; random access needs plain .tar "
                        "shards (decompress it).")
   samples: list[tuple[str, list[list[int]]]] = []  # (key, per slot [preference, offset, size])
   truncated = ""
   try:
-    with tarfile.open(path, mode="r:") as tar:
+    with files.open_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
       for member in tar:
         if member.offset_data + member.size > size:
           truncated = f"member {member.name!r} is cut at byte {size}"
@@ -96,6 +97,6 @@ def index_shard(path: str, slots: Sequence[Sequence[str]]) -> ShardIndex:
 
 
 def read_member(path: str, offset: int, size: int) -> bytes:
-  with open(path, "rb") as f:
+  with files.open_file(path) as f:
     f.seek(offset)
     return f.read(size)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm_jax.data import files
 from vlm_jax.data.formats import config_fields, image_payloads, mmc4, of_layout, tar_index
 from vlm_jax.data.records import BadRecord
 
@@ -52,7 +53,7 @@ class WebDatasetSource:
     self.kind = kind
     self.options = options or mmc4.MMC4Options()
     self.paths = [os.fspath(p) for p in paths]
-    self._names = [os.path.basename(p) for p in self.paths]
+    self._names = [files.basename(p) for p in self.paths]
     slots = _SLOTS[kind]
     workers = max(1, min(index_threads, len(self.paths)))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copy
 import dataclasses
 import json
 import logging
@@ -58,6 +59,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
+from vlm_jax.data import files
 from vlm_jax.data.formats import config_fields, llava_json, mmc4, obelics, webdataset
 from vlm_jax.data.records import DROPPED_KEY, BadRecord, Skip, skip_for_error
 from vlm_jax.data.tfds import schema
@@ -202,7 +204,8 @@ class RecordsBuilder:
     self.source = source
     self.kind = kind_of(source, data_config)
     self.data_config = data_config
-    self.data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+    data_dir = files.local_path(data_dir)
+    self.data_dir = data_dir if files.is_url(data_dir) else os.path.abspath(data_dir)
     self.name = name or (f"{source}_{self.kind}" if source == "webdataset" else source)
     if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
       raise ValueError(f"tfds build: dataset name {self.name!r} must be lower_snake_case "
@@ -218,6 +221,8 @@ class RecordsBuilder:
 
   @property
   def dataset_dir(self) -> str:
+    if files.is_url(self.data_dir):
+      return f"{self.data_dir.rstrip('/')}/{self.name}/{self.version}"
     return os.path.join(self.data_dir, self.name, self.version)
 
   def sources(self) -> dict[str, Any]:
@@ -321,9 +326,14 @@ class RecordsBuilder:
     Returns:
       The metadata written to metadata.json (per-split counts under "splits").
 
+    A remote `data_dir` (`gs://...`) is built in a local temporary folder first, then uploaded file
+    by file with `dataset_info.json` last, so a reader never sees a half-uploaded version.
+
     Raises:
       FileExistsError: the dataset directory exists and `overwrite` is False.
     """
+    if files.is_url(self.data_dir):
+      return self._build_and_upload(overwrite=overwrite, progress=progress)
     final = self.dataset_dir
     if os.path.exists(final):
       if not overwrite:
@@ -357,6 +367,29 @@ class RecordsBuilder:
       raise
     _log_summary(self.name, metadata, time.monotonic() - start)
     return metadata
+
+
+  def _build_and_upload(self, *, overwrite: bool, progress: Progress | None) -> dict[str, Any]:
+    remote = self.dataset_dir
+    fs, root = files.filesystem(remote)
+    if fs.exists(root):
+      if not overwrite:
+        raise FileExistsError(f"tfds build: {remote} exists; pass overwrite=True (--overwrite) to "
+                              "replace it.")
+      fs.rm(root, recursive=True)
+    with tempfile.TemporaryDirectory(prefix="vlm_jax_tfds_") as staging:
+      local = self._with_data_dir(staging)
+      metadata = local.build(progress=progress)
+      names = sorted(os.listdir(local.dataset_dir), key=lambda n: (n == "dataset_info.json", n))
+      for name in names:
+        fs.put_file(os.path.join(local.dataset_dir, name), f"{root}/{name}")
+    logging.info("tfds build %s: uploaded %d files to %s", self.name, len(names), remote)
+    return metadata
+
+  def _with_data_dir(self, data_dir: str) -> "RecordsBuilder":
+    other = copy.copy(self)
+    other.data_dir = data_dir
+    return other
 
 
 def _log_summary(name: str, metadata: dict[str, Any], seconds: float) -> None:

@@ -20,12 +20,12 @@ unchanged; records that were bad at build time are not in the dataset (their cou
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
 
+from vlm_jax.data import files
 from vlm_jax.data.formats import config_fields
 from vlm_jax.data.tfds import schema
 
@@ -92,13 +92,13 @@ def _data_source(data_config: Any, split_expr: str):
   name = config_fields.field(data_config, "tfds_name", None, reader=_READER)
   data_dir = config_fields.field(data_config, "tfds_data_dir", None, reader=_READER)
   if directory is not None:
-    directory = os.path.expanduser(os.fspath(directory))
-    if not os.path.isfile(os.path.join(directory, "dataset_info.json")):
+    directory = files.local_path(directory)
+    if not files.isfile(directory.rstrip("/") + "/dataset_info.json"):
       raise ValueError(f"{_READER}: config.data.tfds_dir={directory!r} is not a prepared TFDS "
                        "dataset version directory (no dataset_info.json).")
     where = f"tfds_dir={directory!r}"
   elif name is not None:
-    data_dir = None if data_dir is None else os.path.expanduser(os.fspath(data_dir))
+    data_dir = None if data_dir is None else files.local_path(data_dir)
     where = f"tfds_name={name!r} under tfds_data_dir={data_dir!r}"
   else:
     raise ValueError(f"{_READER}: give config.data.tfds_dir (a dataset version directory) or "
