@@ -22,7 +22,8 @@ Presets (the text after ':'):
       --lm mpt-1b-redpajama-200b --vision clip-vit-large-patch14 --cross-attn-every-n-layers 1 --out of3b
     python -m vlm_jax.main --config=configs/flamingo.py:of3b --config.init.checkpoint=of3b \
       --config.data.tokenizer=openflamingo:mpt-1b-redpajama-200b \
-      --config.data.laion_paths='laion/*.tar' --config.data.mmc4_paths='mmc4/*.tar' --workdir=runs/of3b
+      --config.data.mixture.laion.paths='laion/{000000..000999}.tar' \
+      --config.data.mixture.mmc4.paths='mmc4/*.tar' --workdir=runs/of3b
   The data is OpenFlamingo's: a concat mixture of LAION pairs (weight 0.2, 32 tokens) and MMC4
   documents (weight 1.0, 6 images, 256 tokens) as WebDataset shards, joint random flips, 224 px.
 """
@@ -122,13 +123,12 @@ OF_MMC4_BATCH, OF_LAION_BATCH = 32 * 64, 64 * 64
 def openflamingo_data() -> ml_collections.ConfigDict:
   """OpenFlamingo's data: LAION-2B pairs + MMC4 documents as WebDataset shards, a concat mixture.
 
-  Required overrides: `data.tokenizer` (e.g. openflamingo:/path/to/lm), `data.laion_paths`,
-  `data.mmc4_paths` (globs or {"train": ..., "eval": ...}); or point both at `source="tfds"` builds.
+  Required overrides: `data.tokenizer` (e.g. openflamingo:/path/to/lm), `data.mixture.laion.paths`,
+  `data.mixture.mmc4.paths` (shard patterns: globs or brace ranges, local or gs://); or point both at
+  `source="tfds"` builds.
   """
   d = ml_collections.ConfigDict()
   d.tokenizer = ml_collections.config_dict.placeholder(str)
-  d.laion_paths = ml_collections.config_dict.placeholder(str)  # a glob of train shards
-  d.mmc4_paths = ml_collections.config_dict.placeholder(str)
   d.mixture_mode = "concat"
   # uint8 images (normalised by the ViT on the device) and threads: see the data benchmark.
   common = dict(source="webdataset", image_size=224, seed=0, random_flip=0.5, image_dtype="uint8",
@@ -142,7 +142,7 @@ def openflamingo_data() -> ml_collections.ConfigDict:
   })
   for name in ("laion", "mmc4"):
     d.mixture[name].tokenizer = d.get_ref("tokenizer")
-    d.mixture[name].paths = d.get_ref(f"{name}_paths")
+    d.mixture[name].paths = ml_collections.config_dict.placeholder(str)  # shards of the train split
   return d
 
 

@@ -58,7 +58,7 @@ def test_presets_train_on_openflamingos_data_mixture(tmp_path):
   shard = str(tmp_path / "laion-00000.tar")
   write_tar(shard, [m for i in range(4) for m in ((f"{i}.png", noise_png(i, 16)), (f"{i}.txt", b"a cat"))])
   c.data.tokenizer = "synthetic"
-  c.data.laion_paths = shard
+  c.data.mixture.laion.paths = shard
   assert c.data.mixture.laion.paths == shard and c.data.mixture.mmc4.tokenizer == "synthetic"
   laion = {k: v for k, v in c.data.mixture.laion.items() if k not in ("batch_size", "weight")}
   batch = next(iter(make_dataset({**laion, "image_size": 16}, split="train", batch_size=2,

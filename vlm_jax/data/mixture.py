@@ -36,7 +36,7 @@ import grain
 import numpy as np
 
 from vlm_jax.data import pipeline, streams
-from vlm_jax.data.formats import config_fields
+from vlm_jax.data.data_config import DataConfig, parse
 from vlm_jax.data.interleaved import IGNORE_INDEX
 from vlm_jax.data.tokenizer import PAD_TOKEN, load_tokenizer, special_token_id
 
@@ -45,54 +45,45 @@ MODES = ("concat", "sample")
 _RESERVED = ("inputs", "labels")
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
-  return config_fields.field(config, key, default, reader="mixture")
-
-
-def mixture_mode(data_config: Any) -> str | None:
+def mixture_mode(data_config: DataConfig | Any) -> str | None:
   """"concat" or "sample" when `config.data.mixture` is set, else None."""
-  if not _get(data_config, "mixture"):
+  data = parse(data_config)
+  if not data.mixture:
     return None
-  mode = _get(data_config, "mixture_mode", "concat")
-  if mode not in MODES:
-    raise ValueError(f"config.data.mixture_mode={mode!r}; expected one of {MODES}.")
-  return mode
+  if data.mixture_mode not in MODES:
+    raise ValueError(f"config.data.mixture_mode={data.mixture_mode!r}; expected one of {MODES}.")
+  return data.mixture_mode
 
 
-def _components(data_config: Any) -> dict[str, Any]:
-  mixture = _get(data_config, "mixture")
-  if not isinstance(mixture, Mapping) and not hasattr(mixture, "items"):
-    raise ValueError("config.data.mixture must map component names to data configs, got "
-                     f"{type(mixture).__name__}.")
-  components = dict(mixture.items())
+def _components(data_config: DataConfig | Any) -> dict[str, DataConfig]:
+  components = dict(parse(data_config).mixture or {})
   if not components:
     raise ValueError("config.data.mixture is empty; give at least one component.")
   for name, cfg in components.items():
     if not isinstance(name, str) or not name or "/" in name or name in _RESERVED:
       raise ValueError(f"config.data.mixture: component name {name!r} must be a non-empty string "
                        f"without '/' and not one of {_RESERVED}.")
-    if _get(cfg, "mixture"):
+    if cfg.mixture:
       raise ValueError(f"config.data.mixture.{name} is itself a mixture; nesting is not supported.")
-    weight = _get(cfg, "weight", 1.0)
-    if not float(weight) > 0:
-      raise ValueError(f"config.data.mixture.{name}.weight must be > 0, got {weight}.")
+    if not cfg.weight > 0:
+      raise ValueError(f"config.data.mixture.{name}.weight must be > 0, got {cfg.weight}.")
   return components
 
 
-def loss_weights(data_config: Any) -> dict[str, float]:
+def loss_weights(data_config: DataConfig | Any) -> dict[str, float]:
   """{name: weight} of a "concat" mixture (the trainer's `MixtureLoss`); {} for anything else."""
   if mixture_mode(data_config) != "concat":
     return {}
-  return {name: float(_get(cfg, "weight", 1.0)) for name, cfg in _components(data_config).items()}
+  return {name: cfg.weight for name, cfg in _components(data_config).items()}
 
 
-def batch_sizes(data_config: Any) -> dict[str, int]:
+def batch_sizes(data_config: DataConfig | Any) -> dict[str, int]:
   """{name: global per-step batch size} of a "concat" mixture; {} for anything else."""
   if mixture_mode(data_config) != "concat":
     return {}
   out = {}
   for name, cfg in _components(data_config).items():
-    size = _get(cfg, "batch_size")
+    size = cfg.batch_size
     if size is None or int(size) < 1:
       raise ValueError(f"config.data.mixture.{name}.batch_size must be a positive global batch "
                        f"size (concat mode), got {size}.")
@@ -143,10 +134,10 @@ def pad_example(example: dict, *, text_len: int, num_images: int | None, pad_id:
   return {"inputs": inputs, "labels": labels}
 
 
-def _sample_padding(components: Mapping[str, Any]) -> functools.partial:
+def _sample_padding(components: Mapping[str, DataConfig]) -> functools.partial:
   """The padding that gives every component's examples one shape; checks they can share a batch."""
   def same(key):
-    values = {name: _get(cfg, key) for name, cfg in components.items()}
+    values = {name: getattr(cfg, key) for name, cfg in components.items()}
     if len({repr(v) for v in values.values()}) > 1:
       raise ValueError(f"config.data.mixture_mode='sample' puts components in one batch, so their "
                        f"{key} must agree; got {values}.")
@@ -154,26 +145,26 @@ def _sample_padding(components: Mapping[str, Any]) -> functools.partial:
 
   same("image_size")
   tokenizer = same("tokenizer")
-  llava = [name for name, cfg in components.items() if _get(cfg, "source") == "llava"]
+  llava = [name for name, cfg in components.items() if cfg.source == "llava"]
   if llava:  # its collate orders images across the batch; examples cannot be stacked one by one
     raise ValueError(f"config.data.mixture_mode='sample' takes Flamingo-layout examples; components "
                      f"{llava} read source 'llava' (use mixture_mode='concat').")
-  if len({_get(cfg, "kind") == "text" for cfg in components.values()}) > 1:
+  if len({cfg.kind == "text" for cfg in components.values()}) > 1:
     raise ValueError("config.data.mixture_mode='sample' cannot put text-only (kind='text') and "
                      "image components in one batch; use mixture_mode='concat'.")
-  packed = [name for name, cfg in components.items() if _get(cfg, "packing_bins", 0)]
+  packed = [name for name, cfg in components.items() if cfg.packing_bins]
   if packed:
     raise ValueError(f"config.data.mixture_mode='sample' takes unpacked examples; components "
                      f"{packed} set packing_bins (pack them in mixture_mode='concat').")
   return functools.partial(
     pad_example,
-    text_len=max(int(_get(cfg, "max_text_len")) for cfg in components.values()),
-    num_images=max(int(_get(cfg, "max_images", 0)) for cfg in components.values()),
+    text_len=max(cfg.require("max_text_len", "mixture") for cfg in components.values()),
+    num_images=max(cfg.get("max_images", 0) for cfg in components.values()),
     pad_id=special_token_id(load_tokenizer(tokenizer), PAD_TOKEN))
 
 
 def make_mixture(
-  data_config: Any,
+  data_config: DataConfig | Any,
   *,
   split: str,
   process_index: int,
@@ -199,7 +190,7 @@ def make_mixture(
   if mode is None:
     raise ValueError("make_mixture: config.data.mixture is not set.")
   components = _components(data_config)
-  weights = {name: float(_get(cfg, "weight", 1.0)) for name, cfg in components.items()}
+  weights = {name: cfg.weight for name, cfg in components.items()}
   make = functools.partial(pipeline.make_dataset, split=split, process_index=process_index,
                            process_count=process_count, repeat=repeat)
   if mode == "concat":

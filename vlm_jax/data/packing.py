@@ -36,13 +36,9 @@ import grain
 import numpy as np
 
 from vlm_jax.data import streams
-from vlm_jax.data.formats import config_fields
+from vlm_jax.data.data_config import DataConfig, parse
 from vlm_jax.data.interleaved import IGNORE_INDEX
 from vlm_jax.data.tokenizer import MEDIA_TOKEN, PAD_TOKEN, load_tokenizer, special_token_id
-
-
-def _field(config: Any, name: str, default: Any = config_fields.REQUIRED) -> Any:
-  return config_fields.field(config, name, default, reader="packing")
 
 
 def trim_example(example: dict, *, media_id: int) -> dict[str, np.ndarray]:
@@ -124,21 +120,23 @@ class Packed(grain.IterDataset):
     return f"Packed(num_bins={self._num_bins}, lengths={self._lengths})"
 
 
-def packer(data_config: Any, *, batch_size: int) -> Callable[[grain.IterDataset], Packed]:
+def packer(data_config: DataConfig | Any, *,
+           batch_size: int) -> Callable[[grain.IterDataset], Packed]:
   """The stage `make_dataset` puts after its one-example batches when `config.data.packing_bins` is
   set: examples -> packed rows (module docstring), batched to `batch_size`; the batch is
   make_dataset's plus `inputs["segment_ids"]` int32[B, T]. Checks the config before any source is
   built."""
-  num_bins = int(_field(data_config, "packing_bins"))
+  data = parse(data_config)
+  num_bins = data.packing_bins
   if num_bins < 1:
     raise ValueError(f"config.data.packing_bins must be >= 1 to pack, got {num_bins}.")
-  if _field(data_config, "source") == "llava":
+  if data.source == "llava":
     raise ValueError("config.data.packing_bins: packing takes Flamingo-layout examples (image-caption "
                      "pairs), not source 'llava'.")
-  tokenizer = load_tokenizer(_field(data_config, "tokenizer"))
-  has_images = _field(data_config, "kind", None) != "text"
+  tokenizer = load_tokenizer(data.require("tokenizer", "packing"))
+  has_images = data.kind != "text"
   return functools.partial(
-    Packed, batch_size=batch_size, max_text_len=int(_field(data_config, "max_text_len")),
-    max_images=int(_field(data_config, "max_images")) if has_images else None,
+    Packed, batch_size=batch_size, max_text_len=data.require("max_text_len", "packing"),
+    max_images=data.require("max_images", "packing") if has_images else None,
     num_bins=num_bins, pad_id=special_token_id(tokenizer, PAD_TOKEN),
     media_id=special_token_id(tokenizer, MEDIA_TOKEN))

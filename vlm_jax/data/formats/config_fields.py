@@ -1,8 +1,10 @@
-"""Reading a format reader's settings from `config.data`, with errors that name the field or file.
+"""The file fields of a parsed `config.data` (`data_config.DataConfig`), with errors that name the
+field or file.
 
-Every reader's `make_source(data_config, split)` reads its fields through `field` and its shard list
-through `shard_paths`, so a missing field, an empty glob or a missing file fails at construction
-with the field name and what was expected, not with a KeyError deep inside a worker.
+Every reader's `make_source(data_config, split)` reads its shard list through `shard_paths` (and
+LLaVA's file through `split_value`, image folders through `image_dir`), so an empty glob or a
+missing file fails at construction with the field name and what was expected, not with a KeyError
+deep inside a worker.
 
 `config.data.paths` is a pattern, a list of patterns, or a mapping from split to either
 (`{"train": "mmc4/*.jsonl", "eval": ["mmc4/val_0.jsonl"]}`). A pattern is a path, a glob, or a
@@ -14,29 +16,11 @@ it is refused rather than silently evaluating on training data.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vlm_jax.data import files
-
-REQUIRED = object()
-
-
-def field(config: Any, name: str, default: Any = REQUIRED, *, reader: str) -> Any:
-  """config.data.<name> from a ConfigDict or a mapping; `default` when absent (or None).
-
-  Raises:
-    ValueError: naming `config.data.<name>` and the reader when the field is absent and required.
-  """
-  try:
-    value = config[name]
-  except (KeyError, AttributeError, TypeError):
-    value = None
-  if value is not None:
-    return value
-  if default is REQUIRED:
-    raise ValueError(f"{reader}: config.data.{name} is missing; the {reader} reader needs it.")
-  return default
+from vlm_jax.data.data_config import DataConfig, parse
 
 
 def _expand(pattern: str, reader: str) -> list[str]:
@@ -48,7 +32,7 @@ def _expand(pattern: str, reader: str) -> list[str]:
   return found
 
 
-def split_value(config: Any, name: str, split: str, *, reader: str,
+def split_value(config: DataConfig | Any, name: str, split: str, *, reader: str,
                 single: tuple[type, ...] = (str, os.PathLike)) -> Any:
   """config.data.<name> for `split`: a mapping {split: value}, or one value (an instance of
   `single`) that is used for split "train" only (an eval run against it is refused).
@@ -57,8 +41,8 @@ def split_value(config: Any, name: str, split: str, *, reader: str,
     ValueError: if the field is missing, has no entry for `split`, or is one value and split is not
       "train".
   """
-  value = field(config, name, reader=reader)
-  if isinstance(value, single):
+  value = parse(config).require(name, reader)
+  if isinstance(value, single) and not isinstance(value, Mapping):
     if split != "train":
       raise ValueError(
         f"{reader}: config.data.{name} is not a {{split: ...}} mapping, so it is used for split "
@@ -71,8 +55,9 @@ def split_value(config: Any, name: str, split: str, *, reader: str,
                      f"{{{split!r}: ...}}.") from None
 
 
-def shard_paths(config: Any, split: str, *, reader: str) -> list[str]:
-  """The shard files of `split`, in a fixed order (sorted within each glob, list order between).
+def shard_paths(config: DataConfig | Any, split: str, *, reader: str) -> list[str]:
+  """The shard files of `split`, in a fixed order (brace order, sorted within each glob, list order
+  between).
 
   Raises:
     ValueError: if `paths` is missing, names no file, or has no entry for `split`.
@@ -87,9 +72,9 @@ def shard_paths(config: Any, split: str, *, reader: str) -> list[str]:
   return out
 
 
-def image_dir(config: Any, *, reader: str) -> str | None:
+def image_dir(config: DataConfig | Any, *, reader: str) -> str | None:
   """config.data.image_dir (optional), checked to be a directory when given."""
-  path = field(config, "image_dir", None, reader=reader)
+  path = parse(config).image_dir
   if path is None:
     return None
   path = files.local_path(path)

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any, Callable, ClassVar
 
 from vlm_jax.data import images
+from vlm_jax.data.data_config import DataConfig, parse
 from vlm_jax.data.formats import config_fields, image_payloads, of_layout
 from vlm_jax.data.records import BadRecord, CheckedImage
 
@@ -95,16 +96,19 @@ class DocumentOptions:
       raise BadRecord("single_image_dropped", record_id)
 
   @classmethod
-  def from_config(cls, config: Any, reader: str | None = None):
-    """Every field from config.data (all optional; absent -> the class default)."""
+  def from_config(cls, config: DataConfig | Any, reader: str | None = None):
+    """These options from (parsed) config.data: each field of the same name; one that is not set
+    (None) takes this class's default, except the image limits, where None means no limit and the
+    DataConfig's default is the library's."""
     reader = reader or cls.READER
+    data = parse(config)
     defaults = cls()
-    kwargs = {}
+    kwargs = {"image_dir": config_fields.image_dir(data, reader=reader)}
     for f in dataclasses.fields(cls):
       if f.name == "image_dir":
-        kwargs[f.name] = config_fields.image_dir(config, reader=reader)
         continue
-      default = getattr(defaults, f.name)
-      value = config_fields.field(config, f.name, default, reader=reader)
-      kwargs[f.name] = value if value is None or default is None else type(default)(value)
+      if f.name in ("max_image_pixels", "max_image_bytes", "image_size"):
+        kwargs[f.name] = getattr(data, f.name)
+      else:
+        kwargs[f.name] = data.get(f.name, getattr(defaults, f.name))
     return cls(**kwargs)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from vlm_jax.data import files
+from vlm_jax.data.data_config import parse
 from vlm_jax.data.formats import config_fields
 from vlm_jax.data.records import BadRecord
 
@@ -133,6 +134,7 @@ class LlavaJsonSource:
 def make_source(data_config: Any, split: str) -> LlavaJsonSource:
   """The source for `split` from `config.data` fields `path` (a file, or {split: file}) and
   `image_dir` (optional; default the JSON file's folder)."""
-  image_dir = config_fields.image_dir(data_config, reader=_READER)
-  path = config_fields.split_value(data_config, "path", split, reader=_READER)
+  data = parse(data_config)
+  image_dir = config_fields.image_dir(data, reader=_READER)
+  path = config_fields.split_value(data, "path", split, reader=_READER)
   return LlavaJsonSource(path, image_dir)

@@ -43,6 +43,7 @@ import numpy as np
 
 from vlm_jax.data import files
 from vlm_jax.data.formats import config_fields, image_payloads, matching, of_layout
+from vlm_jax.data.data_config import parse
 from vlm_jax.data.formats.doc_options import DocumentOptions
 from vlm_jax.data.formats.line_index import LineIndex
 from vlm_jax.data.records import DROPPED_KEY, BadRecord, CheckedImage
@@ -194,6 +195,7 @@ def make_source(data_config: Any, split: str) -> MMC4Source:
   `sim_threshold`, `min_image_bytes`, `max_images`, `matching`, `single_image_keep_prob`,
   `on_bad_image`, `seed`, `image_size`, `min_image_side`, `max_image_pixels`, `max_image_bytes`
   (all optional, OpenFlamingo's values by default)."""
-  return MMC4Source(config_fields.shard_paths(data_config, split, reader="mmc4"),
-                    MMC4Options.from_config(data_config))
+  data = parse(data_config)
+  return MMC4Source(config_fields.shard_paths(data, split, reader="mmc4"),
+                    MMC4Options.from_config(data))
 

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from vlm_jax.data import files
 from vlm_jax.data.formats import config_fields, image_payloads, of_layout
+from vlm_jax.data.data_config import parse
 from vlm_jax.data.formats.doc_options import DocumentOptions
 from vlm_jax.data.records import DROPPED_KEY, BadRecord, CheckedImage
 
@@ -186,5 +187,6 @@ def make_source(data_config: Any, split: str) -> ObelicsSource:
   """ObelicsSource from config.data: `paths` (required; see config_fields), `image_dir`,
   `max_images`, `min_image_bytes`, `single_image_keep_prob`, `on_bad_image`, `seed`, `image_size`,
   `min_image_side`, `max_image_pixels`, `max_image_bytes` (optional)."""
-  return ObelicsSource(config_fields.shard_paths(data_config, split, reader="obelics"),
-                       ObelicsOptions.from_config(data_config))
+  data = parse(data_config)
+  return ObelicsSource(config_fields.shard_paths(data, split, reader="obelics"),
+                       ObelicsOptions.from_config(data))

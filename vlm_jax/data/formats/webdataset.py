@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from vlm_jax.data import files
+from vlm_jax.data.data_config import parse
 from vlm_jax.data.formats import config_fields, image_payloads, mmc4, of_layout, tar_index
 from vlm_jax.data.records import BadRecord
 
@@ -135,8 +136,9 @@ def make_source(data_config: Any, split: str) -> WebDatasetSource:
   `min_image_bytes`, `max_images`, `matching`, `single_image_keep_prob`, `on_bad_image`, `seed`,
   `image_dir`; see `mmc4.make_source`)."""
   reader = "webdataset"
-  kind = config_fields.field(data_config, "kind", reader=reader)
+  data = parse(data_config)
+  kind = data.require("kind", reader)
   if kind not in KINDS:
     raise ValueError(f"{reader}: config.data.kind={kind!r}; expected one of {KINDS}.")
-  return WebDatasetSource(config_fields.shard_paths(data_config, split, reader=reader), kind,
-                          mmc4.MMC4Options.from_config(data_config, reader))
+  return WebDatasetSource(config_fields.shard_paths(data, split, reader=reader), kind,
+                          mmc4.MMC4Options.from_config(data, reader))

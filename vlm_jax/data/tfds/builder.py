@@ -60,7 +60,9 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from vlm_jax.data import files
-from vlm_jax.data.formats import config_fields, llava_json, mmc4, obelics, webdataset
+from vlm_jax.data import data_config as data_config_lib
+from vlm_jax.data.data_config import parse
+from vlm_jax.data.formats import llava_json, mmc4, obelics, webdataset
 from vlm_jax.data.records import DROPPED_KEY, BadRecord, Skip, skip_for_error
 from vlm_jax.data.tfds import schema
 
@@ -83,7 +85,7 @@ def kind_of(source: str, data_config: Any) -> str:
   if source == "llava":
     return "llava"
   if source == "webdataset":
-    kind = config_fields.field(data_config, "kind", reader="webdataset")
+    kind = parse(data_config).require("kind", "webdataset")
     if kind not in webdataset.KINDS:
       raise ValueError(
         f"webdataset: config.data.kind={kind!r}; expected one of {webdataset.KINDS}.")
@@ -95,7 +97,7 @@ def split_names(source: str, data_config: Any) -> list[str]:
   """The splits config.data.paths (config.data.path for llava) names: a mapping's keys, else
   ["train"] (the readers use a plain glob/list/file for train only)."""
   key = "path" if source == "llava" else "paths"
-  paths = config_fields.field(data_config, key, reader=source)
+  paths = parse(data_config).require(key, source)
   if isinstance(paths, (str, os.PathLike, Sequence)):
     return ["train"]
   names = list(paths.keys())
@@ -202,6 +204,7 @@ class RecordsBuilder:
                shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 1,
                splits: Sequence[str] | None = None):
     self.source = source
+    data_config = parse(data_config)
     self.kind = kind_of(source, data_config)
     self.data_config = data_config
     data_dir = files.local_path(data_dir)
@@ -231,9 +234,7 @@ class RecordsBuilder:
       reader = _READERS[self.source]
       # Readers decode every image to judge it, but the stored record keeps the encoded bytes: no
       # crop at a training size is made (image_size=None).
-      config = dict(self.data_config.to_dict() if hasattr(self.data_config, "to_dict")
-                    else self.data_config)
-      config["image_size"] = None
+      config = self.data_config.replace(image_size=None)
       self._sources = {split: reader.make_source(config, split) for split in self.splits}
     return self._sources
 
@@ -315,7 +316,7 @@ class RecordsBuilder:
       # The MMC4/OBELICS settings baked into the records (LAION pairs take none).
       "reader_options": (_json_safe(dataclasses.asdict(options))
                          if options is not None and self.kind != "pairs" else None),
-      "data_config": _json_safe(self.data_config),
+      "data_config": _json_safe(data_config_lib.as_dict(self.data_config)),
       "shard_size": self.shard_size,
       "splits": splits,
     }

@@ -26,7 +26,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from vlm_jax.data import files
-from vlm_jax.data.formats import config_fields
+from vlm_jax.data.data_config import parse
 from vlm_jax.data.tfds import schema
 
 _READER = "tfds"
@@ -76,7 +76,7 @@ def _stored_kind(info) -> str | None:
 
 
 def _tfds_split(data_config: Any, split: str) -> str:
-  splits = config_fields.field(data_config, "tfds_splits", None, reader=_READER)
+  splits = parse(data_config).tfds_splits
   if splits is None:
     return split
   try:
@@ -88,9 +88,8 @@ def _tfds_split(data_config: Any, split: str) -> str:
 
 def _data_source(data_config: Any, split_expr: str):
   """TFDS's ArrayRecordDataSource for the split, from tfds_dir or tfds_name (+ tfds_data_dir)."""
-  directory = config_fields.field(data_config, "tfds_dir", None, reader=_READER)
-  name = config_fields.field(data_config, "tfds_name", None, reader=_READER)
-  data_dir = config_fields.field(data_config, "tfds_data_dir", None, reader=_READER)
+  data = parse(data_config)
+  directory, name, data_dir = data.tfds_dir, data.tfds_name, data.tfds_data_dir
   if directory is not None:
     directory = files.local_path(directory)
     if not files.isfile(directory.rstrip("/") + "/dataset_info.json"):
@@ -118,7 +117,7 @@ def make_source(data_config: Any, split: str) -> TfdsRecordSource:
   """The source for `split` from config.data (fields in the module docstring)."""
   data_source = _data_source(data_config, _tfds_split(data_config, split))
   stored = _stored_kind(data_source.dataset_info)
-  kind = config_fields.field(data_config, "kind", None, reader=_READER)
+  kind = parse(data_config).kind
   if kind is None:
     if stored is None:
       raise ValueError(f"{_READER}: the dataset does not record its kind; set config.data.kind "
