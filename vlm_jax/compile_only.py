@@ -1,9 +1,9 @@
 """Compile-only memory planning: will this config's train step fit on that hardware?
 
   python -m vlm_jax.main --mode=compile_only --config=configs/flamingo.py:of9b --target=v5e-16 \
-    --config.frozen_param_dtype=bfloat16 --config.model.dtype=bfloat16 --workdir=/tmp/plan
+    --config.frozen_param_dtype=bfloat16 --config.model.dtype=bfloat16 --workdir=runs/plan
   python -m vlm_jax.main --mode=compile_only --config=configs/flamingo.py:tiny --compile_devices=8 \
-    --config.mesh.data=1 --config.mesh.fsdp=8 --device_memory_gb=16 --workdir=/tmp/plan
+    --config.mesh.data=1 --config.mesh.fsdp=8 --device_memory_gb=16 --workdir=runs/plan
 
 The real train step (`train.trainer.jit_train_step`, jitted with donated state and the trainer's
 output shardings) is lowered and compiled for the config's mesh from abstract values only: the
@@ -34,7 +34,6 @@ compiling, the replication check (`sharding.check_replication`) fails when more 
 """
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ import numpy as np
 from flax import linen as nn
 
 from vlm_jax import sharding
-from vlm_jax.data import mixture
+from vlm_jax.data import files, mixture
 from vlm_jax.models import build_model
 from vlm_jax.train import init as init_lib
 from vlm_jax.train.trainer import build_state, jit_train_step, plain_batches
@@ -339,9 +338,8 @@ def run(config, workdir: str, *, num_devices: int | None = None, target: str | N
   report = plan(config, devices, memory_bytes=memory_gb * GB if memory_gb else None)
   report = {"config": config.get("name", ""), "target": tgt.name if tgt else None, **report}
   print(format_table(report), flush=True)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   path = os.path.join(workdir, RESULTS_FILE)
-  with open(path, "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
+  files.write_json(path, report)
   logging.info("compile-only report written to %s", path)
   return report

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vlm_jax import paths
 from vlm_jax.param_paths import flatten, unflatten
 
 FORMAT = 1
@@ -35,7 +36,7 @@ def _plain(obj):
 
 def save_converted(out: str, model_name: str, model_kwargs: dict, params: Any, **info) -> None:
   """Write `params` (jax Arrays, possibly sharded) and the model config into `out`."""
-  out = os.path.abspath(out)
+  out = paths.resolve(out)
   path = os.path.join(out, PARAMS)
   if os.path.exists(path):
     raise FileExistsError(f"{path} exists; choose an empty --out directory")
@@ -65,7 +66,7 @@ def read_model_config(directory: str) -> dict:
 
 def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], Any]]:
   """Flat `{param path: (shape, dtype)}` from the checkpoint's metadata, without reading tensors."""
-  meta = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(directory), PARAMS))
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(paths.resolve(directory), PARAMS))
   return {k: (tuple(v.shape), v.dtype) for k, v in flatten(meta.item_metadata.tree).items()}
 
 
@@ -77,4 +78,4 @@ def load_converted(directory: str, shardings: dict[str, jax.sharding.Sharding] |
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = unflatten({k: jax.ShapeDtypeStruct(s, d, sharding=shardings.get(k, default))
                       for k, (s, d) in shapes.items()})
-  return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), PARAMS), target)
+  return ocp.StandardCheckpointer().restore(os.path.join(paths.resolve(directory), PARAMS), target)

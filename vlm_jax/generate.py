@@ -85,10 +85,14 @@ def main(argv, fl: dict) -> None:
   absl_logging.set_verbosity(absl_logging.ERROR)
   if fl["config"].value is None:
     sys.exit("--config is required, e.g. --config=configs/flamingo.py:tiny")
+  from vlm_jax import paths  # pylint: disable=g-import-not-at-top
+
+  config = fl["config"].value
+  paths.resolve_config(config)
   decode = {k: fl[k].value for k in ("max_new_tokens", "num_beams", "length_penalty", "do_sample",
                                      "temperature", "top_k", "top_p", "seed")}
-  print(run(fl["config"].value, fl["checkpoint"].value, list(fl["image"].value), fl["prompt"].value,
-            **decode))
+  print(run(config, paths.resolve(fl["checkpoint"].value),
+            [paths.resolve(p) for p in fl["image"].value], fl["prompt"].value, **decode))
 
 
 if __name__ == "__main__":

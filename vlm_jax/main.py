@@ -1,8 +1,8 @@
 """Entry point: flags -> config -> train / evaluate. It only dispatches; the work lives in the library.
 
   python -m vlm_jax.main --config=configs/flamingo.py --workdir=runs/flamingo
-  python -m vlm_jax.main --config=configs/flamingo.py:tiny --config.total_steps=20 --workdir=/tmp/x
-  python -m vlm_jax.main --mode=eval --config=configs/eval_flamingo.py:tiny --workdir=/tmp/x
+  python -m vlm_jax.main --config=configs/flamingo.py:tiny --config.total_steps=20 --workdir=runs/x
+  python -m vlm_jax.main --mode=eval --config=configs/eval_flamingo.py:tiny --workdir=runs/x
 
 Running the same command again resumes from the checkpoints in --workdir.
 """
@@ -52,7 +52,7 @@ def main(argv) -> None:
     from vlm_jax import compile_only  # pylint: disable=g-import-not-at-top
 
     compile_only.setup_host_devices(_CONFIG.value, _COMPILE_DEVICES.value, _TARGET.value)
-  from vlm_jax import distributed  # pylint: disable=g-import-not-at-top
+  from vlm_jax import distributed, paths  # pylint: disable=g-import-not-at-top
 
   if _CONFIG.value is not None:  # a multi-host job connects its processes before any backend use
     distributed.maybe_initialize(_CONFIG.value)
@@ -61,8 +61,11 @@ def main(argv) -> None:
   config = _CONFIG.value
   if config is None:
     sys.exit("--config is required, e.g. --config=configs/flamingo.py")
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[-1])
-  logging.info("workdir: %s", os.path.abspath(workdir))
+  # Local paths absolute from here on (orbax requires it), URLs as given; each change is logged.
+  workdir = paths.resolve(_WORKDIR.value or
+                          default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[-1]))
+  logging.info("workdir: %s", workdir)
+  paths.resolve_config(config)
   if _MODE.value == "train":
     results, _ = train_and_evaluate(config, workdir)
     logging.info("results: %s", results)

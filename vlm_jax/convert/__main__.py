@@ -18,10 +18,13 @@ import sys
 import time
 
 
-from vlm_jax import converted, sharding
+from vlm_jax import converted, paths, sharding
 from vlm_jax.convert import hf, llava, openflamingo
 from vlm_jax.models import build_model
 from vlm_jax.param_paths import flatten
+
+
+_PATH_ARGS = ("path", "checkpoint", "lm", "vision", "vision_weights", "out")
 
 
 def _mesh(spec: str | None):
@@ -93,6 +96,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
   args = parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
+  for name in _PATH_ARGS:  # absolute from here on (orbax writes only absolute paths); URLs kept
+    if getattr(args, name, None) is not None:
+      setattr(args, name, paths.resolve(getattr(args, name)))
+      logging.info("%s: %s", name, getattr(args, name))
   t0 = time.perf_counter()
   if args.command == "to-hf":
     _to_hf(args)

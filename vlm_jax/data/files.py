@@ -1,4 +1,5 @@
-"""Local files and remote objects (`gs://`, `s3://`, `memory://`, ...) for the data readers.
+"""Local files and remote objects (`gs://`, `s3://`, `memory://`, ...) for the data readers and
+for what a run writes into its workdir (config.json, results.json, reports).
 
 A path with a URL scheme goes through fsspec (the file-system library behind gcsfs, s3fs, adlfs,
 HF datasets and pandas); any other path is a local file, opened with the builtin `open` (no
@@ -14,17 +15,12 @@ library WebDataset uses), then globs (`*`, `?`, `[...]`), on local paths and rem
 from __future__ import annotations
 
 import glob as glob_lib
+import json
 import os
 import posixpath
-import re
 from typing import BinaryIO
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_url(path: str | os.PathLike) -> bool:
-  """True for `gs://bucket/x`, `s3://...`, `memory://...`: anything with a URL scheme."""
-  return bool(_URL.match(os.fspath(path)))
+from vlm_jax.paths import is_url  # noqa: F401  (re-exported: the readers ask files.is_url)
 
 
 def filesystem(path: str):
@@ -46,6 +42,40 @@ def open_file(path: str, mode: str = "rb") -> BinaryIO:
     return open(path, mode)  # noqa: SIM115
   fs, stripped = filesystem(path)
   return fs.open(stripped, mode)
+
+
+def exists(path: str) -> bool:
+  if not is_url(path):
+    return os.path.exists(path)
+  fs, stripped = filesystem(path)
+  return fs.exists(stripped)
+
+
+def makedirs(path: str) -> None:
+  """A local directory and its parents; on object stores (no directories) a no-op where fsspec's
+  backend makes it one."""
+  if not is_url(path):
+    os.makedirs(path, exist_ok=True)
+    return
+  fs, stripped = filesystem(path)
+  fs.makedirs(stripped, exist_ok=True)
+
+
+def read_json(path: str):
+  with open_file(path, "r") as f:
+    return json.load(f)
+
+
+def write_json(path: str, obj) -> None:
+  """Never half-written: locally tmp + rename; an object store commits the object on close."""
+  if is_url(path):
+    with open_file(path, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
 
 
 def read_bytes(path: str) -> bytes:

@@ -32,7 +32,6 @@ chief writes files.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import random
@@ -43,7 +42,7 @@ import jax
 import numpy as np
 
 from vlm_jax import converted, sharding
-from vlm_jax.data import tokenizer as tok_lib
+from vlm_jax.data import files, tokenizer as tok_lib
 from vlm_jax.eval import inputs, metrics, prompts, rices as rices_lib, scoring
 from vlm_jax.eval.generate import generate
 from vlm_jax.eval.tasks import Task, build_task
@@ -327,16 +326,10 @@ def write_results(workdir: str, results: dict, info: Mapping[str, Any], step: in
   path = os.path.join(workdir, "results.json")
   if jax.process_index() != 0:
     return path
-  os.makedirs(workdir, exist_ok=True)
-  existing = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      existing = json.load(f)
+  files.makedirs(workdir)
+  existing = files.read_json(path) if files.exists(path) else {}
   existing[RESULTS_KEY] = {**dict(info), "step": step, "tasks": results}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(existing, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  files.write_json(path, existing)
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))

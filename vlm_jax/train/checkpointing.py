@@ -19,6 +19,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from vlm_jax import paths
 from vlm_jax.param_paths import flatten, unflatten
 
 
@@ -32,6 +33,7 @@ class Checkpointer:
       enable_async_checkpointing=async_save,
       create=True,
     )
+    directory = paths.resolve(directory)  # orbax takes only absolute paths (or URLs)
     self.directory = directory
     self._manager = ocp.CheckpointManager(directory, options=options,
                                           item_names=("state", "data_iter"))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vlm_jax import converted, sharding
+from vlm_jax import converted, paths, sharding
 from vlm_jax.models import build_model
 from vlm_jax.param_paths import flatten, matching, unflatten
 from vlm_jax.train import init as init_lib
@@ -143,11 +143,11 @@ def load_for_eval(config, workdir: str | None = None, checkpoint: str | None = N
   targets = abstract_params(model, mesh, rules)
   if train_dir:
     flat, step = _from_train_checkpoint(train_dir, targets)
-    source = f"{os.path.abspath(train_dir)}/checkpoints/{step}"
+    source = f"{paths.resolve(train_dir)}/checkpoints/{step}"
   else:
     flat, step = _from_converted(converted_dir, init.get("checkpoint_prefix", "") if
                                  converted_dir == init.get("checkpoint") else "", model, targets), 0
-    source = os.path.abspath(converted_dir)
+    source = paths.resolve(converted_dir)
     dtype = config.get("frozen_param_dtype")
     if dtype not in (None, "", "none"):  # as training would hold them
       frozen = set(flat) - matching(flat, config.trainable)

@@ -6,7 +6,6 @@ LM pretraining, run first if needed). Running the same command again therefore c
 run stopped, with the same data order, and ends with the same result.
 """
 
-import json
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from vlm_jax import distributed, sharding
-from vlm_jax.data import mixture
+from vlm_jax.data import files, mixture
 from vlm_jax.data.pipeline import make_dataset
 from vlm_jax.eval.evaluators import build_evaluators
 from vlm_jax.models import build_model
@@ -73,14 +72,6 @@ def jit_train_step(config, model, tx, abstract_state: TrainState, mesh) -> Calla
                  out_shardings=(state_sharding, sharding.replicated(mesh)))
 
 
-def _write_json(path: str, obj: Any) -> None:
-  """Write atomically (tmp + rename) so a crash never leaves a half-written file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def plain_batches(batch: dict) -> list[dict]:
   """A plain batch {"inputs", "labels"}, or the sub-batches of a concat mixture {name: batch}."""
   return [batch] if "inputs" in batch else list(batch.values())
@@ -96,11 +87,11 @@ def _local_tokens(batch: dict) -> int:
 
 def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
   """Train `config` in `workdir` (resuming if it holds a checkpoint); returns (results, final params)."""
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   stage = config.get("name", "train")
   is_chief = distributed.is_chief()  # the one process that writes config.json and results.json
   if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with files.open_file(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.config_mesh(config)
   logging.info("%s", sharding.describe(mesh))
@@ -201,9 +192,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
   results_path = os.path.join(workdir, RESULTS_FILE)
   if step == first_step:  # nothing trained: a finished run's results stand, no need to evaluate
     finished = None
-    if is_chief and os.path.exists(results_path):
-      with open(results_path) as f:
-        finished = json.load(f)
+    if is_chief and files.exists(results_path):
+      finished = files.read_json(results_path)
     # Evaluations are collective, so every process must take the chief's decision (the others may
     # not even see its results.json).
     finished = distributed.broadcast_from_chief(finished)
@@ -219,7 +209,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
   logger.write_scalars(step, {k: v for k, v in results.items() if k != "step"})
   logger.close()
   if is_chief:
-    _write_json(results_path, results)
+    files.write_json(results_path, results)
   return results, state.params
 
 

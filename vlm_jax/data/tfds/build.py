@@ -28,6 +28,7 @@ import sys
 
 import tqdm
 
+from vlm_jax import paths as paths_lib
 from vlm_jax.data.tfds import builder as builder_lib
 from vlm_jax.data.tfds import schema
 
@@ -66,6 +67,11 @@ def data_config(args: argparse.Namespace) -> dict:
     config["paths"] = paths
   if args.kind:
     config["kind"] = args.kind
+  # Local paths absolute (logged), URLs kept: the build's worker processes must find the same files.
+  for key in config:
+    if paths_lib.is_path_key(key):
+      config[key] = paths_lib.resolve_all(config[key])
+      logging.info("path: %s = %s", key, config[key])
   return config
 
 
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   builder = builder_lib.RecordsBuilder(
-    args.source, data_config(args), args.out, name=args.name, version=args.version,
+    args.source, data_config(args), paths_lib.resolve(args.out), name=args.name, version=args.version,
     shard_size=args.shard_size, workers=args.workers)
   sizes = builder.source_sizes()
   logging.info("tfds build %s -> %s: %s source records, %s records", args.source,

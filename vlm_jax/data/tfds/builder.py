@@ -59,6 +59,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
+from vlm_jax import paths
 from vlm_jax.data import files
 from vlm_jax.data import data_config as data_config_lib
 from vlm_jax.data.data_config import parse
@@ -208,7 +209,7 @@ class RecordsBuilder:
     self.kind = kind_of(source, data_config)
     self.data_config = data_config
     data_dir = files.local_path(data_dir)
-    self.data_dir = data_dir if files.is_url(data_dir) else os.path.abspath(data_dir)
+    self.data_dir = paths.resolve(data_dir)
     self.name = name or (f"{source}_{self.kind}" if source == "webdataset" else source)
     if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
       raise ValueError(f"tfds build: dataset name {self.name!r} must be lower_snake_case "
