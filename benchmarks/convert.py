@@ -9,8 +9,11 @@ written to a temp directory; then each measured step runs in a fresh subprocess 
   baseline  import jax + build the model abstractly (the fixed cost every step pays),
   load      `load_hf_lm` -> float32 jax Arrays on the default device,
   cli       `python -m vlm_jax.convert lm` (load + orbax save),
-and reports seconds and peak memory as ratios to the checkpoint's size on disk and to the float32 params
-(peak <= baseline + params + one tensor is the design goal: never two full copies). Writes
+  load_bf16, cli_bf16   the same with `param_dtype="bfloat16"` / `--dtype bfloat16` (the frozen
+            towers' storage dtype),
+and reports seconds and peak memory as ratios to the checkpoint's size on disk and to the params in the
+target dtype (peak <= baseline + params + one tensor is the design goal: never two full copies, never
+a float32 copy of a bfloat16 conversion). Writes
 benchmarks/results/convert_<platform>.json and prints a one-line summary last.
 """
 
@@ -47,12 +50,12 @@ if step == "baseline":
   conf = hf.read_hf_config(path)
   conv, fam = hf.family(conf, path)
   abstract_params(fam.Model(**conv.model_kwargs_from_hf(conf)), jnp.zeros((1, 1), jnp.int32))
-elif step == "load":
-  model, params = hf.load_hf_lm(path)
+elif step.startswith("load"):
+  model, params = hf.load_hf_lm(path, param_dtype="bfloat16" if step.endswith("bf16") else None)
   jax.block_until_ready(params)
 else:
   from vlm_jax.convert.__main__ import main
-  main(["lm", path, "--out", out])
+  main(["lm", path, "--out", out, "--dtype", "bfloat16" if step.endswith("bf16") else "float32"])
 # VmHWM is this process image's own peak; ru_maxrss would carry over the parent's across exec.
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_bytes": hwm * 1024}}))
@@ -105,8 +108,9 @@ def main() -> None:
     t0 = time.perf_counter()
     disk, n_params = write_synthetic_checkpoint(ckpt, SIZES[args.size])
     write_s = time.perf_counter() - t0
-    steps = {s: run_step(s, ckpt, os.path.join(tmp, f"out_{s}")) for s in ("baseline", "load", "cli")}
-  f32 = 4 * n_params
+    steps = {s: run_step(s, ckpt, os.path.join(tmp, f"out_{s}"))
+             for s in ("baseline", "load", "cli", "load_bf16", "cli_bf16")}
+  f32, bf16 = 4 * n_params, 2 * n_params
   base = steps["baseline"]["peak_rss_bytes"]
   result = {
     "benchmark": "convert", "size": args.size, "params": n_params, "checkpoint_bytes_on_disk": disk,
@@ -116,6 +120,14 @@ def main() -> None:
     "load_peak_rss_over_disk": steps["load"]["peak_rss_bytes"] / disk,
     "load_peak_rss_minus_baseline_over_float32_params": (steps["load"]["peak_rss_bytes"] - base) / f32,
     "cli_peak_rss_minus_baseline_over_float32_params": (steps["cli"]["peak_rss_bytes"] - base) / f32,
+    "param_bytes_bfloat16": bf16,
+    "load_bf16_seconds": steps["load_bf16"]["seconds"], "cli_bf16_seconds": steps["cli_bf16"]["seconds"],
+    "load_bf16_peak_rss_over_bfloat16_params": steps["load_bf16"]["peak_rss_bytes"] / bf16,
+    "load_bf16_peak_rss_minus_baseline_over_bfloat16_params":
+      (steps["load_bf16"]["peak_rss_bytes"] - base) / bf16,
+    "cli_bf16_peak_rss_over_bfloat16_params": steps["cli_bf16"]["peak_rss_bytes"] / bf16,
+    "cli_bf16_peak_rss_minus_baseline_over_bfloat16_params":
+      (steps["cli_bf16"]["peak_rss_bytes"] - base) / bf16,
     "load_seconds_per_gb_on_disk": steps["load"]["seconds"] / (disk / 1e9),
     "machine": {"platform": "cpu", "cpu_count": os.cpu_count(), "host": platform.node(),
                 "python": platform.python_version()},
@@ -128,7 +140,11 @@ def main() -> None:
         f"{result['load_seconds']:.1f}s, peak RSS {steps['load']['peak_rss_bytes'] / 1e9:.2f} GB "
         f"(baseline {base / 1e9:.2f} GB; (peak - baseline) / float32 params = "
         f"{result['load_peak_rss_minus_baseline_over_float32_params']:.2f}); CLI with orbax save "
-        f"{result['cli_seconds']:.1f}s -> {out}")
+        f"{result['cli_seconds']:.1f}s ((peak - baseline) / float32 params = "
+        f"{result['cli_peak_rss_minus_baseline_over_float32_params']:.2f}); bfloat16: load "
+        f"{result['load_bf16_seconds']:.1f}s, CLI {result['cli_bf16_seconds']:.1f}s, CLI peak RSS "
+        f"{steps['cli_bf16']['peak_rss_bytes'] / 1e9:.2f} GB = "
+        f"{result['cli_bf16_peak_rss_over_bfloat16_params']:.2f}x the bfloat16 params -> {out}")
 
 
 if __name__ == "__main__":

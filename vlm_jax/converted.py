@@ -41,11 +41,14 @@ def save_converted(out: str, model_name: str, model_kwargs: dict, params: Any, *
   if os.path.exists(path):
     raise FileExistsError(f"{path} exists; choose an empty --out directory")
   os.makedirs(out, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, params)
-  checkpointer.wait_until_finished()
+  # Uncompressed: tensorstore's zstd buffers cost +0.5x the params in host memory at save time (a
+  # 1.1B bf16 LM peaked at 3.98 GB instead of 2.69 GB) and weights barely compress.
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+  checkpointer.save(path, args=ocp.args.PyTreeSave(params))
   if jax.process_index() == 0:
-    config = {"format": FORMAT, "model_name": model_name, "model": _plain(model_kwargs), **_plain(info)}
+    dtypes = sorted({str(x.dtype) for x in flatten(params).values()})
+    config = {"format": FORMAT, "model_name": model_name, "model": _plain(model_kwargs),
+              "param_dtypes": dtypes, **_plain(info)}
     tmp = os.path.join(out, MODEL_JSON + ".tmp")
     with open(tmp, "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)

@@ -58,6 +58,42 @@ def test_cli_round_trip_to_transformers(hf_lm, converted_dir, tmp_path):
     main(["lm", path, "--out", converted_dir])
 
 
+def test_dtype_bfloat16_converts_and_stores_in_bfloat16(hf_lm, converted_dir, tmp_path):
+  """--dtype bfloat16: every stored param is bf16, equal to the float32 conversion rounded once
+  (cast per tensor, not a different computation), the same for scanned (stacked) params; and the
+  logits stay within bf16 rounding of the HF model's."""
+  import jax.numpy as jnp
+  out = str(tmp_path / "bf16")
+  main(["lm", hf_lm[0], "--out", out, "--dtype", "bfloat16"])
+  assert converted.read_model_config(out)["param_dtypes"] == ["bfloat16"]
+  assert converted.read_model_config(converted_dir)["param_dtypes"] == ["float32"]
+  assert {str(d) for _, d in converted.stored_shapes(out).values()} == {"bfloat16"}
+  f32, bf16 = flatten(converted.load_converted(converted_dir)), flatten(converted.load_converted(out))
+  assert set(f32) == set(bf16)
+  for k in f32:
+    np.testing.assert_array_equal(np.asarray(bf16[k]), np.asarray(f32[k].astype(jnp.bfloat16)), k)
+  _, scanned = load_hf_lm(hf_lm[0], scan_layers=True, param_dtype="bfloat16")
+  q = flatten(scanned)["layers/attn/q/kernel"]
+  assert q.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(q[1]), np.asarray(bf16["layers_1/attn/q/kernel"]))
+  model, _ = load_hf_lm(hf_lm[0])
+  ids = np.asarray([[5, 17, 33, 2, 40, 41, 8, 50]], np.int32)
+  logits, _ = model.apply({"params": converted.load_converted(out)}, ids, np.ones_like(ids))
+  with torch.no_grad():
+    want = hf_lm[1](input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(logits, np.float32), want, atol=0.05)
+  assert np.abs(np.asarray(logits, np.float32) - want).max() > 1e-6  # really rounded
+  # Training starts from it: the trainer upcasts to its own param dtype (float32 here).
+  from vlm_jax.train.trainer import train_and_evaluate
+  config = load_config("flamingo", "tiny").init.stage
+  config.model_name, config.model, config.init.checkpoint = "", {}, out
+  config.total_steps, config.optimizer.learning_rate, config.evals = 1, 0.0, {}
+  _, params = train_and_evaluate(config, str(tmp_path / "run"))
+  for k, v in flatten(params).items():
+    assert v.dtype == jnp.float32, k
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(bf16[k], np.float32), k)
+
+
 def test_training_starts_from_the_converted_checkpoint(converted_dir, tmp_path):
   """`config.model_name = ""` + `config.init.checkpoint`: the model config comes from model.json and the
   params from the checkpoint (with lr 0 they are unchanged after a step)."""

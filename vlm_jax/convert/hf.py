@@ -53,24 +53,26 @@ def family(hf: dict, path: str):
 
 
 def load_hf_lm(path: str, *, mesh: Mesh | None = None, logical_rules=None,
-               scan_layers: bool = False) -> tuple[nn.Module, Any]:
+               scan_layers: bool = False, param_dtype=None) -> tuple[nn.Module, Any]:
   """An HF causal-LM directory -> (model, params) with `model.apply({"params": params}, input_ids,
   attention_mask)` giving the HF model's logits first. With `mesh`, params land on their shards;
-  with `scan_layers`, the model scans its layers and the params are stacked (`lm.scan_layers`)."""
+  with `scan_layers`, the model scans its layers and the params are stacked (`lm.scan_layers`);
+  with `param_dtype` ("bfloat16"), floating params are cast to it tensor by tensor while loading."""
   hf = read_hf_config(path)
   conv, family_module = family(hf, path)
   kwargs = conv.model_kwargs_from_hf(hf, f"{path}/config.json")
   model = family_module.Model(**kwargs, scan_layers=scan_layers)
   params = load_params(model, [jnp.zeros((1, 1), jnp.int32)],
                        [Part(open_state_dict(path), conv.rules(kwargs), path, conv.ignore)],
-                       mesh=mesh, logical_rules=logical_rules)
+                       mesh=mesh, logical_rules=logical_rules, param_dtype=param_dtype)
   return model, params
 
 
 def load_hf_clip_vision(path: str, *, mesh: Mesh | None = None, logical_rules=None,
-                        scan_layers: bool = False) -> tuple[nn.Module, Any]:
+                        scan_layers: bool = False, param_dtype=None) -> tuple[nn.Module, Any]:
   """An HF CLIPVisionModel / CLIPModel directory -> (ViT model, params). The model takes NHWC float
-  images and returns the last hidden state first, all hidden states in aux["hidden_states"]."""
+  images and returns the last hidden state first, all hidden states in aux["hidden_states"].
+  `param_dtype` as in `load_hf_lm`."""
   hf = read_hf_config(path)
   if hf.get("model_type") not in clip_conv.MODEL_TYPES:
     raise ValueError(f"{path}/config.json: model_type {hf.get('model_type')!r} is not a CLIP model "
@@ -82,7 +84,7 @@ def load_hf_clip_vision(path: str, *, mesh: Mesh | None = None, logical_rules=No
   rules = clip_conv.rules(kwargs, clip_conv.key_prefix(reader))
   params = load_params(model, [jnp.zeros((1, s, s, 3), jnp.float32)],
                        [Part(reader, rules, path, clip_conv.ignore)], mesh=mesh,
-                       logical_rules=logical_rules)
+                       logical_rules=logical_rules, param_dtype=param_dtype)
   return model, params
 
 

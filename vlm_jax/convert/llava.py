@@ -216,14 +216,16 @@ def ignore(key: str) -> bool:
 
 
 def load_hf_llava(path: str, *, vision: str | None = None, mesh: Mesh | None = None,
-                  logical_rules=None, scan_layers: bool = False) -> tuple[nn.Module, Any]:
+                  logical_rules=None, scan_layers: bool = False,
+                  param_dtype=None) -> tuple[nn.Module, Any]:
   """A LLaVA-1.5 directory (any layout above) -> (model, params); `model.apply({"params": params},
   images_nhwc, input_ids, attention_mask)` gives the source model's logits first.
 
   vision: an HF CLIP directory. An original (liuhaotian) checkpoint needs it for the tower's config,
   and for its weights when the checkpoint does not embed them; embedded weights win.
   With `mesh`, params land directly on their shards; with `scan_layers`, both towers scan their
-  layers and the params are stacked.
+  layers and the params are stacked; with `param_dtype` ("bfloat16") floating params are cast to it
+  tensor by tensor while loading.
   """
   hf = read_hf_config(path)
   reader = open_state_dict(path)  # safetensors, or the pytorch_model*.bin the liuhaotian repos ship
@@ -252,7 +254,8 @@ def load_hf_llava(path: str, *, vision: str | None = None, mesh: Mesh | None = N
   s = model.vision["image_size"]
   example = [jnp.zeros((1, s, s, 3), jnp.float32),
              jnp.full((1, model.num_image_tokens), model.image_token_id, jnp.int32)]
-  params = load_params(model, example, parts, mesh=mesh, logical_rules=logical_rules)
+  params = load_params(model, example, parts, mesh=mesh, logical_rules=logical_rules,
+                       param_dtype=param_dtype)
   return model, params
 
 

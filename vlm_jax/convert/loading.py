@@ -48,8 +48,9 @@ def abstract_params(model: nn.Module, *inputs) -> Any:
 
 def load_params(model: nn.Module, example_inputs: Sequence[Any], parts: Sequence[Part], *,
                 mesh: Mesh | None = None,
-                logical_rules: Sequence[Sequence[Any]] | None = None) -> Any:
-  """Source tensors -> the model's param tree (jax Arrays in the model's param dtype).
+                logical_rules: Sequence[Sequence[Any]] | None = None,
+                param_dtype: Any = None) -> Any:
+  """Source tensors -> the model's param tree (jax Arrays in the model's param dtype, or `param_dtype`).
 
   Args:
     model: the flax module the params are for; `example_inputs` are `model.init`'s positional inputs
@@ -57,9 +58,11 @@ def load_params(model: nn.Module, example_inputs: Sequence[Any], parts: Sequence
     parts: where the tensors come from (see `Part`); strict both ways (see `mapping.to_ours`).
     mesh, logical_rules: when given, each param lands on `NamedSharding(mesh, spec)` from its logical axis
       names, so a sharded model is loaded without ever materialising unsharded copies on a device.
+    param_dtype: e.g. "bfloat16": every floating param is cast to it one tensor at a time, on the
+      host, before it is placed, so a 7B model never exists in float32 (14 GB, not 28 GB, at peak).
   """
   boxed = abstract_params(model, *example_inputs)
-  abstract = flatten(nn.unbox(boxed))
+  abstract = {k: _in_dtype(v, param_dtype) for k, v in flatten(nn.unbox(boxed)).items()}
   shardings = None
   if mesh is not None:
     shardings = flatten(sharding_lib.logical_shardings(
@@ -104,6 +107,13 @@ def load_params(model: nn.Module, example_inputs: Sequence[Any], parts: Sequence
                    "source tensor")
   flat = {k: v for k, v in flat.items() if k not in slots}
   return unflatten({**flat, **buffers})
+
+
+def _in_dtype(abstract: jax.ShapeDtypeStruct, dtype: Any) -> jax.ShapeDtypeStruct:
+  """`abstract` with floating dtype `dtype` (integer and bool params keep theirs)."""
+  if dtype is None or not jnp.issubdtype(abstract.dtype, jnp.floating):
+    return abstract
+  return jax.ShapeDtypeStruct(abstract.shape, jnp.dtype(dtype))
 
 
 def _zeros(abstract: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding | None) -> jax.Array:

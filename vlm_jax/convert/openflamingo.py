@@ -159,7 +159,8 @@ def _vision(vision: str, ckpt, vision_weights: str | None, name: str):
 def load_openflamingo(checkpoint: str, *, lm: str, vision: str, cross_attn_every_n_layers: int,
                       vision_tokens: str = "pre_ln_post", vision_weights: str | None = None,
                       media_token_id: int | None = None, mesh: Mesh | None = None,
-                      logical_rules=None, scan_layers: bool = False) -> tuple[nn.Module, Any]:
+                      logical_rules=None, scan_layers: bool = False,
+                      param_dtype=None) -> tuple[nn.Module, Any]:
   """An OpenFlamingo checkpoint -> (flamingo.Model, params).
 
   `model.apply({"params": params}, vision_x, lang_x, attention_mask)` with vision_x float
@@ -179,6 +180,8 @@ def load_openflamingo(checkpoint: str, *, lm: str, vision: str, cross_attn_every
     scan_layers: build the ViT and the LM (with its xattn blocks) scanned, params stacked
       (`vlm_jax.models.flamingo`; the LM's layer count must be a multiple of
       cross_attn_every_n_layers).
+    param_dtype: e.g. "bfloat16": floating params cast to it tensor by tensor while loading (the
+      frozen towers' storage dtype; training upcasts what it trains, see `frozen_param_dtype`).
   """
   ckpt = open_state_dict(checkpoint)
   hf_cfg = hf.read_hf_config(lm)
@@ -231,5 +234,5 @@ def load_openflamingo(checkpoint: str, *, lm: str, vision: str, cross_attn_every
   s = vision_kw["image_size"]
   example = [jnp.zeros((1, 1, s, s, 3), jnp.float32), jnp.zeros((1, 1), jnp.int32)]
   params = load_params(model, example, [lm_part, vision_part, flamingo_part], mesh=mesh,
-                       logical_rules=logical_rules)
+                       logical_rules=logical_rules, param_dtype=param_dtype)
   return model, params
