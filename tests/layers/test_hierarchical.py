@@ -236,3 +236,17 @@ def test_rope_table_equals_apply_rope_for_integer_positions():
   cos, sin = np.concatenate([np.cos(ang)] * 2, -1), np.concatenate([np.sin(ang)] * 2, -1)
   np.testing.assert_allclose(np.asarray(hl.apply_rope_table(jnp.asarray(x), cos, sin)),
                              np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos))), atol=1e-5)
+
+
+def test_hr_rope_tables_are_torch_bicubic_of_the_lr_span():
+  cos, sin = hl.hr_rope_tables(jnp.array([5, 40]), 576, 16)
+  inv = 1.0 / (10000.0 ** (np.arange(0, 16, 2) / 16))
+  for b, start in enumerate([5, 40]):
+    ang = (start + np.arange(576))[:, None] * inv
+    for got, fn in ((cos, np.cos), (sin, np.sin)):
+      lr = torch.tensor(np.concatenate([fn(ang)] * 2, -1).reshape(24, 24, 16)).permute(2, 0, 1)
+      want = F.interpolate(lr[None], size=72, mode="bicubic", align_corners=False)[0]
+      np.testing.assert_allclose(np.asarray(got[b]), want.permute(1, 2, 0).reshape(5184, 16).numpy(),
+                                 atol=1e-5)
+  # Values, not positions, are interpolated: the tables are not unit rotations (as the authors').
+  assert np.abs(np.asarray(cos) ** 2 + np.asarray(sin) ** 2 - 1).max() > 1e-2

@@ -191,6 +191,28 @@ def hierarchical_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.A
   return out.reshape(b, tq, h, d).astype(q.dtype)
 
 
+def hr_rope_tables(image_start: jax.Array, num_image_tokens: int, head_dim: int,
+                   theta: float = 10000.0, hr_grid: int = 72) -> tuple[jax.Array, jax.Array]:
+  """The HR keys' RoPE tables (reference/flex_inf.md §1.6): the cos / sin rows of the LR image
+  span's positions, as a G x G grid per channel, bicubic-resized (torch kernel, a = -0.75) to
+  hr_grid x hr_grid. The values are interpolated, not the positions (so cos^2 + sin^2 != 1), as
+  the authors do; each HR token's phase lies between those of the LR tokens over its region.
+  image_start: int[B] -> (cos, sin) float32[B, hr_grid^2, head_dim]. (The authors take the span of
+  the batch's first image for every sample; per-sample spans agree with that when they coincide.)
+  """
+  from vlm_jax.layers.resize import resize  # pylint: disable=g-import-not-at-top
+
+  g = math.isqrt(num_image_tokens)
+  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  pos = image_start.astype(jnp.float32)[:, None] + jnp.arange(num_image_tokens)
+  ang = pos[..., None] * inv                                                # [B, P, Dh/2]
+  tables = []
+  for f in (jnp.cos, jnp.sin):
+    t = jnp.concatenate([f(ang)] * 2, -1).reshape(-1, g, g, head_dim)
+    tables.append(resize(t, (hr_grid, hr_grid), "bicubic").reshape(-1, hr_grid ** 2, head_dim))
+  return tables[0], tables[1]
+
+
 def apply_rope_table(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """RoPE with given per-token cos/sin rows (HF `rotate_half` layout): x [B, M, H, D];
   cos, sin [B, M, D] (the HR keys' interpolated tables, gathered like the keys)."""
