@@ -4,7 +4,7 @@ import importlib
 
 from flax import linen as nn
 
-FAMILIES = ("vit", "llama", "llama_flex", "gpt_neox", "flamingo", "llava", "mpt")
+FAMILIES = ("vit", "llama", "llama_flex", "gpt_neox", "flamingo", "llava", "llava_flex", "mpt")
 
 
 def model_class(name: str, field: str = "config.model_name") -> type[nn.Module]:

@@ -40,7 +40,7 @@ from vlm_jax.models import lm_spec, model_class, vit
 from vlm_jax.param_paths import LayerStack
 
 Dtype = Any
-LM_FAMILIES = ("llama", "gpt_neox", "mpt")  # decoders whose __call__ takes `embed_hook`
+LM_FAMILIES = ("llama", "llama_flex", "gpt_neox", "mpt")  # decoders whose __call__ takes `embed_hook`
 PROJECTOR_TYPES = ("mlp2x_gelu",)
 SELECT_STRATEGIES = ("default", "full")
 

@@ -1,0 +1,114 @@
+"""LLaVA-FlexAttn at toy size (16 px tower, zoom 3 -> 48 px images, 4 x 4 LR tokens, a 12 x 12 HR
+grid in 3 x 3 blocks): the crops and the stitching equal the reference index arithmetic, the HR grid
+holds each crop's own tokens, nothing selected equals plain LLaVA-1.5 on the LR view, and the
+padding margins come from the original sizes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from vlm_jax.layers.mlp import Mlp
+from vlm_jax.layers.resize import resize
+from vlm_jax.models import llama_flex, llava, llava_flex, vit
+
+VISION = dict(image_size=16, patch_size=4, width=16, depth=2, heads=2)
+LM = dict(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=48)
+FLEX = dict(flex_start=2, flex_blocks=3, hr_grid=12, num_image_tokens=16, flex_threshold=48.0)
+IMG = 63
+B, T = 2, 28
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(B, 48, 48, 3)).astype(np.float32)
+  ids = rng.integers(1, 60, (B, T)).astype(np.int32)
+  ids[0, 2:18] = IMG
+  ids[1, 5:21] = IMG
+  mask = np.ones((B, T), np.int32)
+  mask[1, -3:] = 0
+  return images, ids, mask
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = llava_flex.Model(vision=VISION, lm={**LM, **FLEX}, image_token_id=IMG, zoom=3)
+  images, ids, mask = _batch()
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), images, ids, mask)["params"])
+  params = {**params, "lm": llama_flex.hd_from_kv(params["lm"])}
+  return model, params
+
+
+def test_crops_and_stitching_follow_the_reference_loops():
+  x = np.arange(2 * 12 * 12 * 1, dtype=np.float32).reshape(2, 12, 12, 1)
+  crops = np.asarray(llava_flex.split_crops(jnp.asarray(x), 3))
+  for b in range(2):
+    for i in range(3):
+      for j in range(3):
+        np.testing.assert_array_equal(crops[b * 9 + i * 3 + j], x[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4])
+  tokens = crops.reshape(18, 16, 1)  # each crop's 4 x 4 "tokens" row-major
+  np.testing.assert_array_equal(np.asarray(llava_flex.stitch_crops(jnp.asarray(tokens), 3)),
+                                x.reshape(2, 144, 1))
+
+
+def test_hr_grid_holds_each_crops_own_tokens(model_and_params):
+  model, params = model_and_params
+  images, ids, mask = _batch()
+  _, aux = model.apply({"params": params}, images, ids, mask)
+  hr = np.asarray(aux["hr_features"]).reshape(B, 12, 12, -1)
+  # Crop (1, 2) of image 1 through the tower alone (layer -2, patch tokens, projector): its 4 x 4
+  # tokens land at rows 4..7, cols 8..11 of the HR grid.
+  crop = images[1:2, 16:32, 32:48]
+  _, vaux = vit.Model(**VISION).apply({"params": params["vision"]}, crop)
+  feats = Mlp(32, "gelu", True, out_dim=32).apply({"params": params["projector"]},
+                                                  vaux["hidden_states"][-2][:, 1:])
+  np.testing.assert_allclose(hr[1, 4:8, 8:12].reshape(16, -1), np.asarray(feats[0]), atol=1e-5)
+
+
+def test_nothing_selected_equals_llava_on_the_lr_view(model_and_params):
+  model, params = model_and_params
+  images, ids, mask = _batch()
+  blind = llava_flex.Model(vision=VISION, lm={**LM, **FLEX, "flex_threshold": 255.0},
+                           image_token_id=IMG, zoom=3)
+  got, aux = blind.apply({"params": params}, images, ids, mask)
+  base = llava.Model(vision=VISION, lm=LM, image_token_id=IMG)
+  strip = {k: v for k, v in params.items()}
+  strip["lm"] = {k: ({**v, "attn": {n: p for n, p in v["attn"].items() if not n.endswith("_hd")}}
+                     if k.startswith("layers_") else v) for k, v in params["lm"].items()}
+  lr = resize(jnp.asarray(images), (16, 16), "bilinear_aa")
+  want, _ = base.apply({"params": strip}, lr, ids, mask)
+  real = mask > 0
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5, rtol=1e-5)
+  # With selection on, only rows from each sample's last real token on can change.
+  flex, aux = model.apply({"params": params}, images, ids, mask)
+  assert any(np.asarray(v).any() for _, v in aux["lm"]["selections"])
+  last = mask.sum(1) - 1
+  diff = np.abs(np.asarray(flex) - np.asarray(got)).max(-1)
+  for b in range(B):
+    assert diff[b, :last[b]].max() < 1e-5 and diff[b, last[b]] > 1e-5
+
+
+def test_margins_and_grads(model_and_params):
+  m = np.asarray(llava_flex.margins_from_sizes(jnp.array([[1200, 900], [600, 1000], [50, 50]]), 24))
+  assert (m[0, :3] == 0).all() and (m[0, 3:21] == 1).all() and (m[0, 21:] == 0).all()
+  assert (m[1, :, :4] == 0).all() and (m[1, :, 4:20] == 1).all() and m[2].all()
+  model, params = model_and_params
+  images, ids, mask = _batch()
+
+  def loss(p):
+    logits, _ = model.apply({"params": p}, images, ids, mask, ori_sizes=jnp.array([[48, 30], [48, 48]]))
+    return logits[:, -1].sum()
+  g = jax.grad(loss)(params)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(g))
+  assert np.abs(np.asarray(g["lm"]["layers_3"]["attn"]["k_hd"]["kernel"])).max() > 0
+
+
+def test_wrong_sizes_fail_naming_the_field(model_and_params):
+  model, params = model_and_params
+  images, ids, mask = _batch()
+  with pytest.raises(ValueError, match="48 px"):
+    model.apply({"params": params}, images[:, :32, :32], ids, mask)
+  bad = llava_flex.Model(vision=VISION, lm={**LM, **FLEX, "hr_grid": 9}, image_token_id=IMG)
+  with pytest.raises(ValueError, match="hr_grid"):
+    bad.init(jax.random.PRNGKey(0), images, ids, mask)
