@@ -247,3 +247,42 @@ def test_unsupported_projector_and_missing_vision_dir(hf_llava, tmp_path):
     json.dump({**cfg, "mm_projector_type": "linear"}, f)
   with pytest.raises(NotImplementedError, match="mm_projector_type 'linear' is not supported"):
     load_hf_llava(llava_dir, vision=clip_dir)
+
+
+def test_flexattn_checkpoint_with_hd_projections(hf_llava, tmp_path):
+  """senfu/llava-v1.5-7b-flexattn's layout: the liuhaotian LLaVA plus
+  `model.layers.{i}.self_attn.{k,v}_proj_hd.weight` and config.extra (strings). It loads as
+  llava_flex; k/v_hd hold those tensors; with nothing selected its logits on a 3x image are
+  transformers' LLaVA logits on torch's antialiased downsampling of it."""
+  path, model_hf, _ = hf_llava
+  llava_dir, clip_dir = _liuhaotian(path, str(tmp_path), embed_vision=True)
+  tensors = dict(CheckpointReader(llava_dir).items())
+  rng = np.random.default_rng(7)
+  for i in range(TEXT["num_hidden_layers"]):
+    for p in ("k", "v"):
+      w = tensors[f"model.layers.{i}.self_attn.{p}_proj.weight"]
+      tensors[f"model.layers.{i}.self_attn.{p}_proj_hd.weight"] = (
+        w + rng.normal(0, 0.1, w.shape)).astype(w.dtype)
+  cfg = _config(llava_dir)
+  cfg["extra"] = {"zoom_ratio": "3", "lowres_size": "32", "highres_size": "96", "threshold": "255",
+                  "warmup": "10", "flex_start": "1", "flex_blocks": "3"}
+  flex_dir = str(tmp_path / "flex")
+  _write(flex_dir, tensors, cfg)
+  model, params = load_hf_llava(flex_dir, vision=clip_dir)
+  assert type(model).__module__ == "vlm_jax.models.llava_flex" and model.zoom == 3
+  assert model.lm["flex_start"] == 1 and model.lm["flex_threshold"] == 255.0
+  assert model.lm["hr_grid"] == 12 and model.lm["num_image_tokens"] == P
+  k_hd = np.asarray(params["lm"]["layers_1"]["attn"]["k_hd"]["kernel"])  # [E, KV, Dh]
+  np.testing.assert_array_equal(
+    k_hd.reshape(k_hd.shape[0], -1).T, tensors["model.layers.1.self_attn.k_proj_hd.weight"])
+  big = np.random.default_rng(1).normal(size=(2, 3, 96, 96)).astype(np.float32)
+  small = torch.nn.functional.interpolate(torch.tensor(big), size=32, mode="bilinear",
+                                          align_corners=False, antialias=True).numpy()
+  ids = np.where(IDS == IMAGE, -200, IDS)
+  logits, _ = model.apply({"params": params}, jnp.asarray(big.transpose(0, 2, 3, 1)),
+                          jnp.asarray(ids, jnp.int32), jnp.asarray(MASK))
+  _assert_close_on_real_tokens(logits, _hf_logits(model_hf, pixels=small))
+  with pytest.raises(ValueError, match="highres_size"):
+    cfg["extra"]["highres_size"] = "64"
+    _write(str(tmp_path / "bad"), tensors, cfg)
+    load_hf_llava(str(tmp_path / "bad"), vision=clip_dir)

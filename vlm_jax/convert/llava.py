@@ -35,11 +35,13 @@ from vlm_jax.convert import clip as clip_conv
 from vlm_jax.convert import llama as llama_conv
 from vlm_jax.convert.hf import model_kwargs, read_hf_config
 from vlm_jax.convert.loading import Part, load_params
-from vlm_jax.convert.mapping import Rule, linear, linear_with_bias, prefixed, to_theirs
+from vlm_jax.convert.mapping import (Rule, linear, linear_to_heads, linear_with_bias, prefixed,
+                                     to_theirs)
 from vlm_jax.convert.safetensors_io import write_checkpoint
 from vlm_jax.convert.sources import open_state_dict
 from vlm_jax.models import llama, vit
 from vlm_jax.models import llava as llava_model
+from vlm_jax.models import llava_flex
 from vlm_jax.param_paths import flatten, to_per_layer
 
 IMAGE_TOKEN_INDEX = -200  # the original code's marker id for an image (outside the vocabulary)
@@ -190,9 +192,9 @@ def _liuhaotian_kwargs(hf: dict, name: str, vision_hf: dict | None, vision_name:
 def rules(kw: dict[str, Any], layout: Layout, vision_prefix: str | None) -> list[Rule]:
   """The checkpoint's table; `vision_prefix` is where its CLIP keys start (`vision_key_prefix`),
   None when the tower comes from a separate directory (`vision_rules`)."""
-  if kw.get("lm_family", "llama") != "llama":
-    raise NotImplementedError(f"LLaVA conversion supports lm_family 'llama', not "
-                              f"{kw['lm_family']!r}")
+  if kw.get("lm_family", "llama") not in ("llama", "llama_flex"):
+    raise NotImplementedError(f"LLaVA conversion supports lm_family 'llama' (and 'llama_flex'), "
+                              f"not {kw['lm_family']!r}")
   if kw.get("projector_bias", True):
     proj = [*linear_with_bias("projector/fc1", layout.projector[0]),
             *linear_with_bias("projector/fc2", layout.projector[1])]
@@ -200,10 +202,49 @@ def rules(kw: dict[str, Any], layout: Layout, vision_prefix: str | None) -> list
     proj = [linear("projector/fc1/kernel", f"{layout.projector[0]}.weight"),
             linear("projector/fc2/kernel", f"{layout.projector[1]}.weight")]
   out = prefixed(llama_conv.rules(kw["lm"], prefix=layout.lm_prefix, head=layout.lm_head), "lm/")
+  if kw.get("lm_family") == "llama_flex":
+    out += prefixed(flex_rules(kw["lm"], layout.lm_prefix), "lm/")
   out += proj
   if vision_prefix is not None:
     out += vision_rules(kw, vision_prefix)
   return out
+
+
+def flex_rules(lm: dict[str, Any], prefix: str) -> list[Rule]:
+  """LLaVA-FlexAttn's extra projections: `{prefix}layers.{i}.self_attn.{k,v}_proj_hd.weight`
+  (senfu/llava-v1.5-7b-flexattn has them in every layer) -> `layers_{i}/attn/{k,v}_hd/kernel`."""
+  kvh = lm.get("num_kv_heads") or lm["num_heads"]
+  dh = lm.get("head_dim") or lm["hidden_size"] // lm["num_heads"]
+  return [linear_to_heads(f"layers_{i}/attn/{p}_hd/kernel",
+                          f"{prefix}layers.{i}.self_attn.{p}_proj_hd.weight", kvh, dh)
+          for i in range(lm["num_layers"]) for p in ("k", "v")]
+
+
+FLEX_MARKER = ".self_attn.k_proj_hd.weight"
+# The authors' code defaults when config.extra lacks a key (modeling_llama.py), and the split it
+# hard-codes (layer 8 selects first, 9.. are FlexAttention layers; 9 x 9 selection blocks);
+# "flex_start" / "flex_blocks" in config.extra (our keys, for other shapes) move them.
+FLEX_DEFAULTS = dict(threshold="64", zoom_ratio="3", flex_start="9", flex_blocks="9")
+
+
+def flex_kwargs(hf: dict, kwargs: dict, name: str) -> dict:
+  """LLaVA kwargs -> llava_flex kwargs from the checkpoint config's `extra` dict
+  (`zoom_ratio:3#lowres_size:336#highres_size:1008#threshold:48`, values stored as strings)."""
+  extra = {**FLEX_DEFAULTS, **(hf.get("extra") or {})}
+  zoom = int(extra["zoom_ratio"])
+  s = kwargs["vision"]["image_size"]
+  if "lowres_size" in extra and int(extra["lowres_size"]) != s:
+    raise ValueError(f"{name}: extra.lowres_size {extra['lowres_size']} but the vision tower "
+                     f"takes {s} px")
+  if "highres_size" in extra and int(extra["highres_size"]) != zoom * s:
+    raise ValueError(f"{name}: extra.highres_size {extra['highres_size']} is not zoom_ratio "
+                     f"({zoom}) x {s}")
+  g = s // kwargs["vision"]["patch_size"]
+  lm = {**kwargs["lm"], "flex_start": int(extra["flex_start"]),
+        "flex_threshold": float(extra["threshold"]), "flex_blocks": int(extra["flex_blocks"]),
+        "hr_grid": zoom * g,
+        "num_image_tokens": g * g}
+  return {**kwargs, "lm_family": "llama_flex", "lm": lm, "zoom": zoom}
 
 
 def vision_rules(kw: dict[str, Any], prefix: str) -> list[Rule]:
@@ -235,6 +276,9 @@ def load_hf_llava(path: str, *, vision: str | None = None, mesh: Mesh | None = N
     raise ValueError(f"{path}: the weights are in the {layout.name!r} layout but config.json is "
                      f"{'a llava-hf' if is_llava_hf_config(hf) else 'an original LLaVA'} config")
   kwargs = model_kwargs_from_hf(hf, f"{path}/config.json", vision_hf, f"{vision}/config.json")
+  flex = any(k.endswith(FLEX_MARKER) for k in reader)
+  if flex:  # LLaVA-FlexAttn: the same LLaVA-1.5 plus k/v_proj_hd in every decoder layer
+    kwargs = flex_kwargs(hf, kwargs, f"{path}/config.json")
   vprefix = vision_key_prefix(list(reader), layout.vision_root)
   parts = [Part(reader, rules(kwargs, layout, vprefix), path, ignore)]
   if vprefix is None:
@@ -250,8 +294,8 @@ def load_hf_llava(path: str, *, vision: str | None = None, mesh: Mesh | None = N
   if scan_layers:
     kwargs = {**kwargs, "lm": {**kwargs["lm"], "scan_layers": True},
               "vision": {**kwargs["vision"], "scan_layers": True}}
-  model = llava_model.Model(**kwargs)
-  s = model.vision["image_size"]
+  model = (llava_flex if flex else llava_model).Model(**kwargs)
+  s = model.vision["image_size"] * (model.zoom if flex else 1)
   example = [jnp.zeros((1, s, s, 3), jnp.float32),
              jnp.full((1, model.num_image_tokens), model.image_token_id, jnp.int32)]
   params = load_params(model, example, parts, mesh=mesh, logical_rules=logical_rules,

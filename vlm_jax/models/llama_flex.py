@@ -151,7 +151,7 @@ class Model(llama.Model):
       raise ValueError(f"lm.flex_start ({self.flex_start}) must be in [1, num_layers="
                        f"{self.num_layers}): layer flex_start-1 selects for layer flex_start")
     if not 1 <= self.budget <= self.flex_blocks ** 2 or self.hr_grid % self.flex_blocks:
-      raise ValueError(f"lm.flex_budget ({self.flex_budget}) must be in [1, flex_blocks^2] and "
+      raise ValueError(f"lm.flex_budget ({self.budget}) must be in [1, flex_blocks^2] and "
                        f"hr_grid ({self.hr_grid}) a multiple of flex_blocks ({self.flex_blocks})")
     super().__post_init__()
 
