@@ -206,3 +206,33 @@ def test_bad_fields_fail_naming_them():
     llama_flex.Model(**KW, **{**FLEX, "flex_start": 4})
   with pytest.raises(ValueError, match="flex_budget"):
     llama_flex.Model(**KW, **{**FLEX, "flex_budget": 10})
+
+
+def test_cached_decoding_equals_the_uncached_forward(setup):
+  """Prefill (KV caches filled, each FlexAttention layer's HR keys/values for the prefill's
+  selection cached), then one token at a time with no HR features at all: equal to one uncached
+  forward in which every row from the prompt's last on sees the prefill's selection."""
+  _, params, (ids, _), kw, _ = setup
+  model = llama_flex.Model(**KW, **FLEX, hr_rows="from_select_row")
+  tp, new = T - 4, 4
+  full_mask = jnp.ones((B, T), jnp.int32)
+  hr = dict(hr=kw["hr"], hr_cos=kw["hr_cos"], hr_sin=kw["hr_sin"], image_start=kw["image_start"])
+  want, want_aux = model.apply({"params": params}, ids, full_mask, **hr,
+                               select_row=jnp.full((B,), tp - 1))
+  caches = model.init_caches(B, T)
+  logits, aux = model.apply({"params": params}, ids[:, :tp], full_mask, caches=caches, **hr,
+                            select_row=jnp.full((B,), tp - 1))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want[:, :tp]), atol=2e-5, rtol=1e-5)
+  assert len(aux["hr_cache"]) == KW["num_layers"] - FLEX["flex_start"]
+  step = jax.jit(lambda c, h, x: model.apply({"params": params}, x, full_mask, caches=c,
+                                             hr_cache=h))
+  for j in range(new):
+    logits, aux = step(aux["caches"], aux["hr_cache"], ids[:, tp + j:tp + j + 1])
+    np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(want[:, tp + j]), atol=2e-5,
+                               rtol=1e-5)
+  # The HR path mattered: the same decode without the cached HR keys differs.
+  plain, _ = model.apply({"params": params}, ids, full_mask)
+  assert np.abs(np.asarray(plain[:, tp:]) - np.asarray(want[:, tp:])).max() > 1e-4
+  for (idx, valid), (k_hd, v_hd, slot_valid) in zip(want_aux["selections"], aux["hr_cache"]):
+    assert k_hd.shape[1] == slot_valid.shape[1] == idx.shape[1] * 16
+    np.testing.assert_array_equal(np.asarray(slot_valid), np.repeat(np.asarray(valid), 16, 1))

@@ -24,10 +24,11 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vlm_jax.layers import hierarchical as hl
-from vlm_jax.layers.attention import causal_padding_mask
+from vlm_jax.layers.attention import KVCache, causal_padding_mask
 from vlm_jax.layers.embeddings import token_embed
 from vlm_jax.layers.linear import dense
 from vlm_jax.layers.mlp import SwiGlu
@@ -62,7 +63,7 @@ class FlexAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, bias, positions, hr, hr_cos, hr_sin, hd_valid, select_row, image_start,
-               margins, alpha):
+               margins, alpha, cache=None, hr_kv=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     kv_shape, kv_axes = (self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv")
     q = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), use_bias=self.qkv_bias,
@@ -71,9 +72,18 @@ class FlexAttention(nn.Module):
     v = dense(kv_shape, kv_axes, use_bias=self.qkv_bias, name="v", **kw)(x)
     q = apply_rope(q, positions, theta=self.rope_theta)
     k = apply_rope(k, positions, theta=self.rope_theta)
+    new_cache = None
+    if cache is not None:  # append this call's keys/values (as layers.attention.SelfAttention)
+      start = (0, cache.index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+      cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+      new_cache = KVCache(ck, cv, cache.index + x.shape[1])
+      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
     k_hd_proj = dense(kv_shape, kv_axes, use_bias=self.qkv_bias, name="k_hd", **kw)
     v_hd_proj = dense(kv_shape, kv_axes, use_bias=self.qkv_bias, name="v_hd", **kw)
-    if hr is None:  # a plain layer (or init): no HR keys; the projections still own params
+    if hr_kv is not None:  # decoding: the prefill's HR keys/values, cached
+      k_hd, v_hd = hr_kv
+    elif hr is None:  # a plain layer (or init): no HR keys; the projections still own params
       if self.is_initializing():
         k_hd_proj(x[:, :1]), v_hd_proj(x[:, :1])
       m = 1
@@ -91,7 +101,7 @@ class FlexAttention(nn.Module):
       attn = hl.image_attention_row(q_row, k, bias_row, image_start, self.num_image_tokens)
       selection = hl.select_blocks(attn, threshold=self.threshold, blocks=self.blocks,
                                    margins=margins)
-    return out, selection
+    return out, selection, new_cache, (k_hd, v_hd)
 
 
 class FlexDecoderLayer(nn.Module):
@@ -112,17 +122,19 @@ class FlexDecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, bias, positions, hr=None, hr_cos=None, hr_sin=None, hd_valid=None,
-               select_row=None, image_start=None, margins=None, alpha=1.0):
+               select_row=None, image_start=None, margins=None, alpha=1.0, cache=None,
+               hr_kv=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.norm_eps, name="input_norm", **kw)(x)
-    h, selection = FlexAttention(
+    h, selection, new_cache, kv_hd = FlexAttention(
       self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, self.qkv_bias,
       self.num_image_tokens, self.threshold, self.blocks, name="attn", **kw)(
-      h, bias, positions, hr, hr_cos, hr_sin, hd_valid, select_row, image_start, margins, alpha)
+      h, bias, positions, hr, hr_cos, hr_sin, hd_valid, select_row, image_start, margins, alpha,
+      cache, hr_kv)
     x = x + h
     h = RMSNorm(self.norm_eps, name="post_attn_norm", **kw)(x)
     x = x + SwiGlu(self.mlp_dim, name="mlp", **kw)(h)
-    return nn.with_logical_constraint(x, _ACT), selection
+    return nn.with_logical_constraint(x, _ACT), (selection, new_cache, kv_hd)
 
 
 class Model(llama.Model):
@@ -143,8 +155,11 @@ class Model(llama.Model):
   flex_budget: int | None = None   # HR blocks per row and layer; None = all flex_blocks^2
   hr_grid: int = 72
   num_image_tokens: int = 576
+  hr_rows: str = "select_row"   # or "from_select_row" (see __call__)
 
   def __post_init__(self):
+    if self.hr_rows not in ("select_row", "from_select_row"):
+      raise ValueError(f"lm.hr_rows {self.hr_rows!r} is not 'select_row' or 'from_select_row'")
     if self.scan_layers or self.sliding_window is not None:
       raise ValueError("llama_flex: scan_layers and sliding_window are not supported")
     if not 1 <= self.flex_start < self.num_layers:
@@ -168,16 +183,15 @@ class Model(llama.Model):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, caches=None, *, hr=None,
                hr_cos=None, hr_sin=None, image_start=None, margins=None, select_row=None,
-               alpha=1.0, embed_hook=None, last_logits_only=False):
-    if caches is not None:
-      raise NotImplementedError("llama_flex: KV-cached decoding is not implemented yet")
+               alpha=1.0, embed_hook=None, last_logits_only=False, hr_cache=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t = input_ids.shape
+    offset = 0 if caches is None else caches[0].index
     if attention_mask is None:
-      attention_mask = jnp.ones((b, t), jnp.int32)
+      attention_mask = jnp.ones((b, t if caches is None else caches[0].k.shape[1]), jnp.int32)
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = causal_padding_mask(attention_mask, q_offset=0, num_queries=t)
+      positions = jnp.broadcast_to(jnp.arange(t) + offset, (b, t))
+    mask = causal_padding_mask(attention_mask, q_offset=offset, num_queries=t)
     bias = jnp.where(mask, 0.0, hl.NEG_INF).astype(jnp.float32)
     if select_row is None:
       select_row = jnp.full((b,), t - 1, jnp.int32)
@@ -187,23 +201,34 @@ class Model(llama.Model):
       x = embed_hook(x)
     x = nn.with_logical_constraint(x, _ACT)
     layer = self.decoder_layer(kw)
-    selection, used = None, []
-    row_sees = jnp.arange(t)[None, :] == select_row[:, None]                  # [B, T]
+    selection, used, new_caches, new_hr_cache = None, [], [], []
+    # Which rows see the HR keys: the selecting row ("select_row", the authors' inference) or every
+    # row from it on ("from_select_row": what decoding with the prefill's selection amounts to).
+    rows = jnp.arange(t)[None, :]
+    row_sees = (rows >= select_row[:, None]) if self.hr_rows == "from_select_row" else (
+      rows == select_row[:, None])
     tokens_per_block = (self.hr_grid // self.flex_blocks) ** 2
     for i in range(self.num_layers):
-      args = {}
+      args = dict(cache=None if caches is None else caches[i])
       if hr is not None and i >= self.flex_start:
         index, valid = hl.budget_blocks(*selection, self.budget)
         used.append((index, valid))
         slot_valid = jnp.repeat(valid, tokens_per_block, axis=1)              # [B, M]
-        args = dict(hr=hl.gather_blocks(hr, index, self.flex_blocks),
+        args.update(hr=hl.gather_blocks(hr, index, self.flex_blocks),
                     hr_cos=hl.gather_blocks(hr_cos, index, self.flex_blocks),
                     hr_sin=hl.gather_blocks(hr_sin, index, self.flex_blocks),
                     hd_valid=row_sees[:, :, None] & slot_valid[:, None, :], alpha=alpha)
+      elif hr_cache is not None and i >= self.flex_start:  # decoding: every new row sees them
+        k_hd, v_hd, slot_valid = hr_cache[i - self.flex_start]
+        args.update(hr_kv=(k_hd, v_hd), alpha=alpha,
+                    hd_valid=jnp.broadcast_to(slot_valid[:, None, :], (b, t, slot_valid.shape[1])))
       emit = hr is not None and i >= self.flex_start - 1 and i < self.num_layers - 1
       if emit:
         args.update(select_row=select_row, image_start=image_start, margins=margins)
-      x, sel = layer(name=f"layers_{i}")(x, bias, positions, **args)
+      x, (sel, cache, kv_hd) = layer(name=f"layers_{i}")(x, bias, positions, **args)
+      new_caches.append(cache)
+      if hr is not None and i >= self.flex_start:
+        new_hr_cache.append((*kv_hd, slot_valid))
       selection = sel if emit else selection
     x = self.final_norm(kw)(x)
     if last_logits_only:
@@ -212,7 +237,9 @@ class Model(llama.Model):
       logits = embed.attend(x)
     else:
       logits = dense(self.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
-    return logits.astype(jnp.float32), {"hidden": x, "selections": used}
+    aux = {"hidden": x, "selections": used, "caches": None if caches is None else new_caches,
+           "hr_cache": new_hr_cache if hr is not None else hr_cache}
+    return logits.astype(jnp.float32), aux
 
 
 def hd_from_kv(params: dict) -> dict:
