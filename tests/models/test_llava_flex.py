@@ -112,3 +112,38 @@ def test_wrong_sizes_fail_naming_the_field(model_and_params):
   bad = llava_flex.Model(vision=VISION, lm={**LM, **FLEX, "hr_grid": 9}, image_token_id=IMG)
   with pytest.raises(ValueError, match="hr_grid"):
     bad.init(jax.random.PRNGKey(0), images, ids, mask)
+
+
+def test_cached_generation_equals_the_uncached_forward(model_and_params):
+  """`eval.generate` (prefill selects from the last prompt token and caches the HR keys/values;
+  decode steps run no vision tower) equals a greedy loop over full forwards that keep the prompt's
+  selection for every later row (hr_rows='from_select_row'), on left-padded prompts."""
+  from vlm_jax.eval import generate
+  model, params = model_and_params
+  images, ids, _ = _batch(5)  # a prompt whose continuations hold no image-token id (the uncached
+  ids[1] = np.roll(ids[1], 4)  # forward would read one as an image slot); row 1 left-padded by 4
+  mask = np.ones_like(ids)
+  mask[1, :4] = 0
+  ids[1, :4] = 0
+  steps = 5
+  got = np.asarray(generate(model, params, ids, mask, max_new_tokens=steps, pad_token_id=0,
+                            images=images))
+  ref_model = llava_flex.Model(vision=VISION, lm={**LM, **FLEX, "hr_rows": "from_select_row"},
+                               image_token_id=IMG, zoom=3)
+  fwd = jax.jit(lambda i, m, pos: ref_model.apply(
+    {"params": params}, images, i, m, positions=pos, select_row=jnp.full((B,), T - 1, jnp.int32))[0])
+  seq, m, want = ids, mask, []
+  for _ in range(steps):
+    pos = np.maximum(np.cumsum(m, axis=1) - 1, 0)
+    nxt = np.asarray(jnp.argmax(fwd(seq, m, pos)[:, -1], -1)).astype(np.int32)
+    want.append(nxt)
+    seq = np.concatenate([seq, nxt[:, None]], 1)
+    m = np.concatenate([m, np.ones((B, 1), m.dtype)], 1)
+  np.testing.assert_array_equal(got, np.stack(want, 1))
+  assert IMG not in got
+  # The HR keys matter: the same prompts with nothing selectable decode differently.
+  blind = llava_flex.Model(vision=VISION, lm={**LM, **FLEX, "flex_threshold": 255.0},
+                           image_token_id=IMG, zoom=3)
+  other = np.asarray(generate(blind, params, ids, mask, max_new_tokens=steps, pad_token_id=0,
+                              images=images))
+  assert (other != got).any()

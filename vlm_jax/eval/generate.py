@@ -56,7 +56,7 @@ import numpy as np
 
 from vlm_jax import sharding
 from vlm_jax.layers.attention import KVCache
-from vlm_jax.models import flamingo, llama, llava
+from vlm_jax.models import flamingo, llama, llava, llava_flex
 
 NEG = -1.0e9  # HF beam search's "impossible" score offset (additive, as there)
 
@@ -182,9 +182,33 @@ class _Llava(_LM):
     return logits[:, -1], aux["lm"]["caches"]
 
 
+class _LlavaFlex(_LM):
+  """LLaVA-FlexAttn: the prefill selects HR blocks from the last prompt token's attention, and
+  each FlexAttention layer's HR keys/values for them are cached; the decode steps reuse them (no
+  vision tower, no HR features in the loop)."""
+
+  inputs = ("images", "ori_sizes")
+
+  def prefill(self, params, ids, mask, positions, caches, inputs):
+    logits, aux = self.model.apply({"params": params}, inputs["images"], ids, mask,
+                                   ori_sizes=inputs.get("ori_sizes"), positions=positions,
+                                   caches=caches, last_logits_only=True)
+    return logits[:, -1], aux["lm"]["caches"], {"hr_cache": aux["lm"]["hr_cache"]}
+
+  def step(self, params, tok, mask, positions, caches, extra):
+    logits, aux = self.model.apply({"params": params}, None, tok, mask, positions=positions,
+                                   caches=caches, hr_cache=extra["hr_cache"])
+    return logits[:, -1], aux["lm"]["caches"]
+
+  def repeat_extra(self, extra, k):
+    return {"hr_cache": jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), extra["hr_cache"])}
+
+
 def _adapter(model: nn.Module) -> _LM:
   if isinstance(model, flamingo.Model):
     return _Flamingo(model)
+  if isinstance(model, llava_flex.Model):
+    return _LlavaFlex(model)
   if isinstance(model, llava.Model):
     return _Llava(model)
   if isinstance(model, llama.Model):

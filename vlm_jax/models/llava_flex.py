@@ -80,9 +80,15 @@ class Model(llava.Model):
 
   @nn.compact
   def __call__(self, images, input_ids, attention_mask=None, *, ori_sizes=None, select_row=None,
-               alpha=1.0, positions=None, caches=None, last_logits_only=False):
+               alpha=1.0, positions=None, caches=None, last_logits_only=False, hr_cache=None):
+    """images None = a decoding step: the LM reads the prefill's cached HR keys/values (`hr_cache`,
+    from aux["lm"]["hr_cache"] of the prefill), no vision tower runs."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     lm = llama_flex.Model(name="lm", **kw, **dict(self.lm or {}))
+    if images is None:
+      logits, laux = lm(input_ids, attention_mask, positions, caches, hr_cache=hr_cache,
+                        alpha=alpha)
+      return logits, {"image_features": None, "hr_features": None, "lm": laux}
     tower = vit.Model(name="vision", **kw, **dict(self.vision or {}))
     s, p = tower.image_size, self.num_image_tokens
     g = int(round(p ** 0.5))
@@ -103,11 +109,15 @@ class Model(llava.Model):
     hr = jax.lax.stop_gradient(stitch_crops(feats[b:], self.zoom))          # [B, (z g)^2, D]
     is_image = input_ids == self.image_token_id
     image_start = jnp.argmax(is_image, axis=1).astype(jnp.int32)
-    hr_cos, hr_sin = hl.hr_rope_tables(image_start, p, lm.dim_per_head, lm.rope_theta, lm.hr_grid)
+    # RoPE phases of the image span: its position ids (left-padded prompts shift them).
+    image_pos = image_start if positions is None else jnp.take_along_axis(
+      positions, image_start[:, None], axis=1)[:, 0]
+    hr_cos, hr_sin = hl.hr_rope_tables(image_pos, p, lm.dim_per_head, lm.rope_theta, lm.hr_grid)
     margins = None if ori_sizes is None else margins_from_sizes(jnp.asarray(ori_sizes), g)
-    if select_row is None:  # the last real token of each row (right padding)
-      mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
-      select_row = (jnp.sum(mask, axis=1) - 1).astype(jnp.int32)
+    if select_row is None:  # the last real token of each row (left or right padding)
+      t = input_ids.shape[1]
+      real = jnp.ones_like(input_ids) if attention_mask is None else attention_mask[:, :t]
+      select_row = jnp.max(jnp.where(real > 0, jnp.arange(t), 0), axis=1).astype(jnp.int32)
 
     def hook(x):
       return llava.scatter_image_features(x, is_image, lr_feats.reshape(-1, lr_feats.shape[-1]))
