@@ -147,3 +147,45 @@ def test_cached_generation_equals_the_uncached_forward(model_and_params):
   other = np.asarray(generate(blind, params, ids, mask, max_new_tokens=steps, pad_token_id=0,
                               images=images))
   assert (other != got).any()
+
+
+def test_training_path_per_answer_row_selection_and_ramp(model_and_params):
+  """The authors' training path (all HR keys, each answer row its own selection): with one answer
+  row per sample it equals the inference path selecting from that row; rows before the first
+  answer row are plain LLaVA; alpha = 0 (the ramp's start) is plain everywhere; at mid-ramp the
+  answer rows blend."""
+  model, params = model_and_params
+  images, ids, mask = _batch()
+  rows = np.array([20, 22])
+  one = np.zeros((B, T), bool)
+  one[np.arange(B), rows] = True
+  train, _ = model.apply({"params": params}, images, ids, mask, answer_rows=one)
+  infer, _ = model.apply({"params": params}, images, ids, mask, select_row=jnp.asarray(rows))
+  np.testing.assert_allclose(np.asarray(train), np.asarray(infer), atol=2e-5, rtol=1e-5)
+  plain, _ = model.apply({"params": params}, images, ids, mask, answer_rows=np.zeros((B, T), bool))
+  assert np.abs(np.asarray(train) - np.asarray(plain))[np.arange(B), rows].max() > 1e-4
+  two = one.copy()
+  two[np.arange(B), rows + 2] = True
+  both, aux = model.apply({"params": params}, images, ids, mask, answer_rows=two)
+  for b in range(B):
+    np.testing.assert_allclose(np.asarray(both)[b, :rows[b]], np.asarray(plain)[b, :rows[b]],
+                               atol=2e-5, rtol=1e-5)
+  sel, seen_rows = aux["lm"]["selections"][0]
+  assert sel.shape == (B, T, 9) and np.asarray(seen_rows).sum() == 4
+  ramp = llava_flex.Model(vision=VISION, lm={**LM, **FLEX}, image_token_id=IMG, zoom=3,
+                          alpha_ramp_steps=10)
+  start, _ = ramp.apply({"params": params}, images, ids, mask, answer_rows=one, step=0)
+  np.testing.assert_allclose(np.asarray(start), np.asarray(plain), atol=2e-5, rtol=1e-5)
+  half, _ = ramp.apply({"params": params}, images, ids, mask, answer_rows=one, step=5)
+  gap = np.abs(np.asarray(half) - np.asarray(plain))[np.arange(B), rows].max()
+  assert 0 < gap < np.abs(np.asarray(train) - np.asarray(plain))[np.arange(B), rows].max()
+
+
+def test_complete_loaded_copies_k_and_v_into_missing_hd():
+  loaded = {"lm/layers_1/attn/k/kernel": 1, "lm/layers_1/attn/v/kernel": 2,
+            "lm/layers_2/attn/k_hd/kernel": 7, "lm/layers_2/attn/k/kernel": 3}
+  targets = dict.fromkeys(["lm/layers_1/attn/k_hd/kernel", "lm/layers_1/attn/v_hd/kernel",
+                           "lm/layers_2/attn/k_hd/kernel", *loaded])
+  got = llava_flex.Model.complete_loaded(loaded, targets)
+  assert got["lm/layers_1/attn/k_hd/kernel"] == 1 and got["lm/layers_1/attn/v_hd/kernel"] == 2
+  assert got["lm/layers_2/attn/k_hd/kernel"] == 7  # loaded ones are kept

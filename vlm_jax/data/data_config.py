@@ -23,6 +23,14 @@ Fields (None = "not set": the default of the reader or the transform that reads 
   max_images        image slots T_img (None: 6 for MMC4/OBELICS documents, 1 for pairs)
   max_text_len      tokens T (None: 256 for documents, 32 for LAION pairs; required otherwise)
   num_image_tokens  llava: the image run length P
+  template          llava conversation template: vicuna_v1 | llama3 | plain (None: vicuna_v1);
+                    with source synthetic it turns kind pairs | vqa | hires into LLaVA conversations
+  system, bos_token, eos_token, pad_token   llava: the template's system prompt and special tokens
+                    (None: `llava.LlavaTransform`'s defaults; bos_token "" = no BOS)
+  hires_size        synthetic hires: the drawn image side (None: 6 * image_size); the transform
+                    resizes it to image_size
+  ori_sizes, answer_rows   llava: add each image's original (w, h) / the answer-predicting rows to
+                    the model inputs (FlexAttention's margins and training path)
   num_records, seed synthetic corpus size; shuffle / coin seed
   sim_threshold, matching, min_image_bytes, single_image_keep_prob, on_bad_image
                     the interleaved readers (`formats.doc_options`, `formats.mmc4`); None: the
@@ -66,6 +74,14 @@ class DataConfig:
   max_images: int | None = None
   max_text_len: int | None = None
   num_image_tokens: int | None = None
+  template: str | None = None
+  system: str | None = None
+  bos_token: str | None = None
+  eos_token: str | None = None
+  pad_token: str | None = None
+  hires_size: int | None = None
+  ori_sizes: bool = False
+  answer_rows: bool = False
   num_records: int = 100_000
   seed: int = 0
   sim_threshold: float | None = None

@@ -126,6 +126,18 @@ def _place_image(pairs: list[tuple[str, str]], has_image: bool, where: str):
   return [(f"{IMAGE_TOKEN}\n{q0}", a0)] + pairs[1:]
 
 
+def _render(head: str, turns: Sequence[tuple[str, str, str]]) -> tuple[str, list[tuple[int, int]]]:
+  """head + instruction_1 + answer_1 + ... and the [start, end) span of every answer (its closing
+  separator included): the one place the character spans are counted."""
+  parts, spans, length = [head], [], len(head)
+  for instruction, answer, close in turns:
+    parts += [instruction, answer, close]
+    length += len(instruction)
+    spans.append((length, length + len(answer) + len(close)))
+    length = spans[-1][1]
+  return "".join(parts), spans
+
+
 def render_vicuna_v1(
   pairs: Sequence[tuple[str, str]], *, system: str = VICUNA_V1_SYSTEM, eos: str = "</s>"
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -133,14 +145,37 @@ def render_vicuna_v1(
 
   "{system} USER: {q1} ASSISTANT: {a1}{eos}USER: {q2} ASSISTANT: {a2}{eos}" (sep " ", sep2 eos).
   """
-  parts, spans, length = [system, " "], [], len(system) + 1
-  for question, answer in pairs:
-    instruction = f"{USER}: {question} {ASSISTANT}: "
-    parts += [instruction, answer, eos]
-    length += len(instruction)
-    spans.append((length, length + len(answer) + len(eos)))
-    length = spans[-1][1]
-  return "".join(parts), spans
+  return _render(f"{system} ", [(f"{USER}: {q} {ASSISTANT}: ", a, eos) for q, a in pairs])
+
+
+LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+
+def render_llama3(
+  pairs: Sequence[tuple[str, str]], *, system: str = VICUNA_V1_SYSTEM, eos: str = "<|eot_id|>"
+) -> tuple[str, list[tuple[int, int]]]:
+  """INF-LLaVA's `conv_llama3` (sep_style MPT, sep "<|eot_id|>"), BOS included as text:
+
+  "<|begin_of_text|>{H(system)}{system}{eos}{H(user)}{q1}{eos}{H(assistant)}{a1}{eos}..." with
+  H(role) = "<|start_header_id|>{role}<|end_header_id|>\n\n"; each answer's span covers its eos.
+  """
+  head = f"<|begin_of_text|>{LLAMA3_HEADER.format(role='system')}{system}{eos}"
+  return _render(head, [(f"{LLAMA3_HEADER.format(role='user')}{q}{eos}"
+                         f"{LLAMA3_HEADER.format(role='assistant')}", a, eos) for q, a in pairs])
+
+
+def render_plain(
+  pairs: Sequence[tuple[str, str]], *, system: str = "", eos: str = "\n"
+) -> tuple[str, list[tuple[int, int]]]:
+  """LLaVA's stage-1 `plain` template (`preprocess_plain`): "<image>{caption}\n"; the question
+  text is dropped (LLaVA replaces the whole human turn by the image) and only the first pair
+  is used. The caption and its "\n" are trained."""
+  del system  # plain has none
+  question, answer = pairs[0]
+  return _render("", [(IMAGE_TOKEN if IMAGE_TOKEN in question else "", answer, eos)])
+
+
+TEMPLATES = {"vicuna_v1": render_vicuna_v1, "llama3": render_llama3, "plain": render_plain}
 
 
 class LlavaTransform(grain.transforms.Map):
@@ -158,9 +193,12 @@ class LlavaTransform(grain.transforms.Map):
     image_token_id: id of the image-run tokens (the model's `image_token_id`); default: the
       tokenizer's id of "<image>" (32000 in llava-hf). Original LLaVA checkpoints with a plain
       vicuna tokenizer use -200, which the model accepts.
+    template: "vicuna_v1" (LLaVA-1.5 SFT), "llama3" (INF-LLaVA SFT: `bos_token=None`, the
+      template writes <|begin_of_text|>; eos "<|eot_id|>") or "plain" (stage-1 captions).
     system: the system prompt.
     bos_token: prepended once (None: no BOS, for LMs without one).
-    eos_token: vicuna_v1's sep2, closing every answer.
+    eos_token: the template's answer separator (vicuna_v1's sep2), closing every answer; must be
+      one token (for "plain" give the tokenizer's newline token or its EOS).
     pad_token: default "<pad>" if the tokenizer has it, else "<unk>" (what LLaVA pads vicuna with).
     pad_to_square: LLaVA-1.5's `image_aspect_ratio="pad"`; False for plain resize + centre crop.
     min_image_side, max_image_pixels: forwarded to `images.decode_image`.
@@ -174,6 +212,7 @@ class LlavaTransform(grain.transforms.Map):
     image_size: int,
     num_image_tokens: int,
     image_token_id: int | None = None,
+    template: str = "vicuna_v1",
     system: str = VICUNA_V1_SYSTEM,
     bos_token: str | None = "<s>",
     eos_token: str = "</s>",
@@ -182,6 +221,9 @@ class LlavaTransform(grain.transforms.Map):
     min_image_side: int = images_lib.DEFAULT_MIN_SIDE,
     max_image_pixels: int | None = images_lib.DEFAULT_MAX_PIXELS,
   ):
+    if template not in TEMPLATES:
+      raise ValueError(f"template {template!r} is not one of {tuple(TEMPLATES)}")
+    self.render = TEMPLATES[template]
     if max_text_len < 1 or num_image_tokens < 1 or image_size < 1:
       raise ValueError(f"max_text_len={max_text_len}, num_image_tokens={num_image_tokens} and "
                        f"image_size={image_size} must be >= 1.")
@@ -231,7 +273,7 @@ class LlavaTransform(grain.transforms.Map):
                                               "samples have at most one")
     has_image = bool(record_images)
     pairs = _place_image(conversation_pairs(element["conversations"], where), has_image, where)
-    text, spans = render_vicuna_v1(pairs, system=self.system, eos=self.eos_token)
+    text, spans = self.render(pairs, system=self.system, eos=self.eos_token)
 
     head_ids = [] if self.bos_id is None else [self.bos_id]
     pieces = [(np.asarray(head_ids, np.int32), np.zeros(len(head_ids), bool))]
@@ -267,15 +309,30 @@ class LlavaTransform(grain.transforms.Map):
     labels, _ = pad_tokens(np.where(trained, ids, IGNORE_INDEX), self.max_text_len, IGNORE_INDEX)
 
     images = np.zeros((1, self.image_size, self.image_size, 3), np.float32)
+    size = np.full((1, 2), self.image_size, np.int32)
     if has_image:
       rgb = images_lib.decode_image(record_images[0], **self.image_checks)
+      size[0] = rgb.shape[1], rgb.shape[0]
       images[0] = preprocess_image(rgb, self.image_size, pad_to_square=self.pad_to_square)
     return {"images": images, "image_mask": np.asarray([has_image]), "input_ids": input_ids,
-            "attention_mask": attention_mask, "labels": labels}
+            "attention_mask": attention_mask, "labels": labels, "ori_size": size}
 
 
-def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
-  """Batches `LlavaTransform` outputs for `models.llava.Model`.
+def answer_rows(labels: np.ndarray) -> np.ndarray:
+  """bool[B, T]: the rows that predict an answer token (row t where labels[t + 1] is trained), the
+  rows FlexAttention's training path selects HR tokens for (reference/flex_inf.md 1.4, "every row
+  from x-1 to y-1 of every answer span [x, y]")."""
+  rows = np.zeros(labels.shape, bool)
+  rows[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+  return rows
+
+
+def collate(examples: Sequence[dict[str, np.ndarray]], *, ori_sizes: bool = False,
+            with_answer_rows: bool = False) -> dict[str, Any]:
+  """Batches `LlavaTransform` outputs for `models.llava.Model` (and its high-resolution variants:
+  `ori_sizes` adds inputs["ori_sizes"] int32[B, 2], each image's decoded (w, h), for
+  FlexAttention's padding margins; `with_answer_rows` adds inputs["answer_rows"] bool[B, T]
+  (`answer_rows`) for its training path).
 
   The model gives the k-th run of image tokens in the batch (reading order) the k-th image, so the
   images of the samples that have one go first, in batch order, and the zero images of text-only
@@ -290,7 +347,12 @@ def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
   images = np.concatenate([ex["images"] for ex in examples])  # [B, S, S, 3], one slot per sample
   has_image = np.concatenate([ex["image_mask"] for ex in examples])
   order = np.argsort(~has_image, kind="stable")
-  return {"inputs": {"images": images[order],
-                     "input_ids": np.stack([ex["input_ids"] for ex in examples]),
-                     "attention_mask": np.stack([ex["attention_mask"] for ex in examples])},
-          "labels": np.stack([ex["labels"] for ex in examples])}
+  labels = np.stack([ex["labels"] for ex in examples])
+  inputs = {"images": images[order],
+            "input_ids": np.stack([ex["input_ids"] for ex in examples]),
+            "attention_mask": np.stack([ex["attention_mask"] for ex in examples])}
+  if ori_sizes:
+    inputs["ori_sizes"] = np.concatenate([ex["ori_size"] for ex in examples])[order]
+  if with_answer_rows:
+    inputs["answer_rows"] = answer_rows(labels)
+  return {"inputs": inputs, "labels": labels}

@@ -35,6 +35,7 @@ included; `iterator.counters()` reports records seen and skipped per reason.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import grain
@@ -117,13 +118,22 @@ def _documents(data: DataConfig, split: str, tokenizer, module, source=None):
 
 
 def _llava(data: DataConfig, split: str, tokenizer, source=None):
+  """LLaVA conversations (a conversation file, TFDS records, or the synthetic corpus as
+  conversations) -> the template's ids, image runs and answer-only labels."""
   source = llava_json.make_source(data, split) if source is None else source
+  optional = {name: getattr(data, name) for name in ("system", "eos_token", "pad_token")
+              if getattr(data, name) is not None}
+  if data.bos_token is not None:
+    optional["bos_token"] = data.bos_token or None
   transform = llava_data.LlavaTransform(
     tokenizer, max_text_len=data.require("max_text_len", "llava"),
     image_size=data.require("image_size", "llava"),
     num_image_tokens=data.require("num_image_tokens", "llava"),
+    template=data.get("template", "vicuna_v1"), **optional,
     min_image_side=data.min_image_side, max_image_pixels=data.max_image_pixels)
-  return source, transform, llava_data.collate
+  collate = functools.partial(llava_data.collate, ori_sizes=data.ori_sizes,
+                              with_answer_rows=data.answer_rows)
+  return source, transform, collate
 
 
 def _source_transform_collate(data: DataConfig, split: str):
@@ -132,6 +142,11 @@ def _source_transform_collate(data: DataConfig, split: str):
   if name not in SOURCES:
     raise ValueError(f"config.data.source={name!r} is not supported; expected one of {SOURCES}.")
   tokenizer = load_tokenizer(data.require("tokenizer", name))
+  if name == "synthetic" and data.template is not None:
+    return _llava(data, split, tokenizer, synthetic.ConversationSource(
+      data.require("kind", "synthetic"), split=split, num_records=data.num_records,
+      image_size=data.require("image_size", "synthetic"), hires_size=data.hires_size,
+      seed=data.seed))
   if name == "synthetic":
     return _synthetic(data, split, tokenizer)
   if name == "llava":
@@ -143,6 +158,12 @@ def _source_transform_collate(data: DataConfig, split: str):
     return _documents(data, split, tokenizer, None, source)
   return _documents(data, split, tokenizer, {"mmc4": mmc4, "obelics": obelics,
                                               "webdataset": webdataset}[name])
+
+
+def source_and_transform(data_config: Any, split: str):
+  """(random-access source, per-record transform, batch collate) of `config.data` for `split`,
+  the pieces `make_dataset` chains; evaluators that need whole examples use them directly."""
+  return _source_transform_collate(parse(data_config), split)
 
 
 def make_dataset(

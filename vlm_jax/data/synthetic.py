@@ -16,6 +16,9 @@ Kinds (see `SyntheticSource`):
   classification  one image + shape label.
   hires           a large image of grey distractors with one tiny coloured target; the question asks
                   the target's colour, which low-resolution encoders cannot see.
+
+`ConversationSource` gives the pairs / vqa / hires records as LLaVA conversation records
+(`vlm_jax.data.llava`): stage-1 caption pairs and stage-2 / high-resolution question answering.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ FILLERS = (
 COLOUR_QUESTION = "What colour is the shape?"
 SHAPE_QUESTION = "What shape is it?"
 HIRES_QUESTION = "What colour is the small shape?"
+# LLaVA-style conversations over the same records (`ConversationSource`): a caption request for
+# image-caption pairs (LCS-558K's role) and the roles of the vicuna_v1 template.
+DESCRIBE_QUESTION = "Describe the image briefly."
+CHAT_ROLES = "USER: ASSISTANT:"
 QA_TEMPLATE = "Question: {question} Answer: {answer}"
 
 KINDS = ("interleaved", "vqa", "pairs", "classification", "hires")
@@ -81,7 +88,8 @@ def _words_of(text: str) -> list[str]:
 
 
 def _all_words() -> tuple[str, ...]:
-  texts = [*CAPTION_TEMPLATES, *FILLERS, COLOUR_QUESTION, SHAPE_QUESTION, HIRES_QUESTION]
+  texts = [*CAPTION_TEMPLATES, *FILLERS, COLOUR_QUESTION, SHAPE_QUESTION, HIRES_QUESTION,
+           DESCRIBE_QUESTION, CHAT_ROLES]
   texts += [QA_TEMPLATE, *COLOURS, *SHAPES, *SIZES, *POSITION_PHRASES.values()]
   return tuple(sorted({w for t in texts for w in _words_of(t)}))
 
@@ -324,3 +332,46 @@ class SyntheticSource:
     record = self._vqa_record(image, HIRES_QUESTION, colour, "colour", SHAPES.index(shape))
     record["target_box"] = box
     return record
+
+
+class ConversationSource:
+  """The corpus as LLaVA conversation records, for `vlm_jax.data.llava.LlavaTransform`:
+
+    {"id", "images": [uint8[H, W, 3]], "conversations": [{"from": "human", "value": "<image>\\n" + q},
+                                                         {"from": "gpt", "value": answer}],
+     "answer", "question_type", "label" (+ "target_box" for hires)}
+
+  kind "pairs": q = DESCRIBE_QUESTION, the answer is the caption (stage 1); "vqa" / "hires": the
+  question and its one-word answer (stage 2 / the high-resolution task).
+  """
+
+  KINDS = ("pairs", "vqa", "hires")
+
+  def __init__(self, kind: str, **kwargs):
+    if kind not in self.KINDS:
+      raise ValueError(f"ConversationSource: kind {kind!r} is not one of {self.KINDS}.")
+    self.kind = kind
+    self.records = SyntheticSource(kind, max_images=1, **kwargs)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __repr__(self) -> str:
+    return f"ConversationSource({self.records!r})"
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    rec = self.records[index]
+    if self.kind == "pairs":
+      text = rec["text"].replace(MEDIA_TOKEN, "").replace(EOC_TOKEN, "").replace(EOS_TOKEN, "")
+      question, answer, qtype = DESCRIBE_QUESTION, text.strip(), "caption"
+    else:
+      question = rec["prompt"].replace(MEDIA_TOKEN, "")
+      question = question.removeprefix("Question: ").removesuffix(" Answer:").strip()
+      answer, qtype = rec["answer"], rec["question_type"]
+    out = {"id": f"synthetic:{self.kind}:{self.records.split}:{int(index)}", "images": rec["images"],
+           "conversations": [{"from": "human", "value": f"{MEDIA_TOKEN}\n{question}"},
+                             {"from": "gpt", "value": answer}],
+           "answer": answer, "question_type": qtype, "label": rec["label"]}
+    if "target_box" in rec:
+      out["target_box"] = rec["target_box"]
+    return out

@@ -6,6 +6,11 @@
   images (colour and shape questions; answers are single tokens, the argmax is over the whole vocab).
   `zero_params` (regex) zeroes matching params first: with `xattn_\\d+/(attn|ff)_gate` it evaluates the same
   model with every tanh gate forced to 0, i.e. the bare LM, which can only guess.
+- `llava_vqa`: the same accuracy for the LLaVA family (llava, llava_flex, inf_llava) on held-out
+  synthetic conversations of `config.data` (its template, image sizes and kind, or the evaluator's
+  `kind`: vqa | hires): each example goes through the training transform, the prompt is everything
+  before the first answer token, and the prediction is the argmax at the prompt's last row (the row
+  FlexAttention selects from at inference). Metrics `eval/accuracy{suffix}` and per question type.
 - `loss`: mean training loss and token accuracy over held-out batches of `config.data`.
 - `fewshot`: OpenFlamingo's few-shot protocol (`vlm_jax.eval.fewshot`) on the tasks of the evaluator's
   own fields, over `config.fewshot`, over the synthetic defaults (`tasks`, `shots`, `trial_seeds`,
@@ -28,8 +33,8 @@ from flax import linen as nn
 
 from vlm_jax import sharding
 from vlm_jax.data.images import stack_images
-from vlm_jax.data.interleaved import encode_prompt
-from vlm_jax.data.pipeline import make_dataset
+from vlm_jax.data.interleaved import IGNORE_INDEX, encode_prompt
+from vlm_jax.data.pipeline import make_dataset, source_and_transform
 from vlm_jax.data.synthetic import SyntheticSource
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.eval.inputs import pad_rows
@@ -106,6 +111,62 @@ class SyntheticVQA:
     return res
 
 
+class LlavaVQA:
+  """First-answer-token accuracy of a LLaVA-family model on held-out synthetic conversations."""
+
+  def __init__(self, name: str, cfg, config, model, mesh, rules, loss_fn):
+    del loss_fn
+    self.name, self.mesh, self.rules = name, mesh, rules
+    self.suffix = cfg.get("suffix", "")
+    self.zero_params = cfg.get("zero_params")
+    self.batch_size = int(cfg.get("batch_size", 32))
+    data = dict(config.data)
+    if data.get("source") != "synthetic" or data.get("template") is None:
+      raise ValueError(f"config.evals.{name}: llava_vqa needs config.data.source='synthetic' with "
+                       "a template (LLaVA conversations)")
+    # The model's inputs as in training, minus the training-path rows (the eval is inference).
+    data.update(kind=cfg.get("kind", data.get("kind")), num_records=int(cfg.num_examples),
+                answer_rows=False)
+    source, transform, self.collate = source_and_transform(data, "eval")
+    self.examples, lasts, answers, kinds = [], [], [], []
+    for i in range(len(source)):
+      record = source[i]
+      ex = transform.map(record)
+      first = int(np.argmax(ex["labels"] != IGNORE_INDEX))  # the first answer token
+      ex["attention_mask"] = np.where(np.arange(ex["attention_mask"].shape[0]) < first,
+                                      ex["attention_mask"], 0).astype(ex["attention_mask"].dtype)
+      self.examples.append(ex)
+      lasts.append(first - 1)
+      answers.append(int(ex["input_ids"][first]))
+      kinds.append(record["question_type"])
+    self.lasts, self.answers, self.kinds = np.asarray(lasts), np.asarray(answers), np.asarray(kinds)
+
+    def predict(params, inputs, last):
+      logits, _ = model.apply({"params": params}, **inputs)
+      return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0].argmax(-1)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      self._predict = jax.jit(predict, out_shardings=sharding.replicated(mesh))
+
+  def run(self, params) -> dict[str, float]:
+    params = zero_matching(params, self.zero_params)
+    n, bs = len(self.examples), self.batch_size
+    preds = []
+    for s in range(0, n, bs):
+      chunk = self.examples[s:s + bs]
+      inputs = self.collate(chunk + [chunk[-1]] * (bs - len(chunk)))["inputs"]
+      last = pad_rows(self.lasts[s:s + bs], bs)
+      batch = jax.tree.map(lambda x: sharding.full_batch(x, self.mesh), (inputs, last))
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        out = self._predict(params, *batch)
+      preds.append(np.asarray(jax.device_get(out))[:len(chunk)])
+    correct = np.concatenate(preds) == self.answers
+    res = {f"eval/accuracy{self.suffix}": float(correct.mean())}
+    for kind in np.unique(self.kinds):
+      res[f"eval/accuracy_{kind}{self.suffix}"] = float(correct[self.kinds == kind].mean())
+    return res
+
+
 class HeldOutLoss:
   """Mean next-token CE over `num_batches` held-out batches of `config.data`."""
 
@@ -155,7 +216,8 @@ class FewShot:
     return {f"{k}{self.suffix}": v for k, v in self._flat(results, "eval/fewshot_", "_").items()}
 
 
-EVALUATORS = {"synthetic_vqa": SyntheticVQA, "loss": HeldOutLoss, "fewshot": FewShot}
+EVALUATORS = {"synthetic_vqa": SyntheticVQA, "llava_vqa": LlavaVQA, "loss": HeldOutLoss,
+              "fewshot": FewShot}
 
 
 def build_evaluators(config, model, mesh, rules, loss_fn) -> list:

@@ -139,23 +139,29 @@ def gather_blocks(hr: jax.Array, index: jax.Array, blocks: int = 9) -> jax.Array
   return jnp.take_along_axis(hr, tok.reshape(tok.shape + (1,) * (hr.ndim - 2)), axis=1)
 
 
+def image_attention_rows(q: jax.Array, k: jax.Array, bias: jax.Array, image_start: jax.Array,
+                         num_image_tokens: int) -> jax.Array:
+  """Head-summed attention probabilities of R query rows over the image keys.
+
+  q: float[B, R, H, D] (the rows' queries, RoPE applied); k: float[B, T, KV, D]; bias: float[B, R, T]
+  additive mask of those rows (0 / -inf: causal + padding); image_start: int[B].
+  Returns float32[B, R, num_image_tokens] = sum_h softmax_T(q k^T / sqrt(D) + bias)[image span]:
+  O(B R H T D); R = 1 at inference (never a T x T map), R = T on the training path.
+  """
+  b, r, h, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, r, kv, h // kv, d).astype(jnp.float32)
+  s = jnp.einsum("brgnd,btgd->brgnt", qg, k.astype(jnp.float32)) / math.sqrt(d)
+  p = jax.nn.softmax(s + bias[:, :, None, None, :].astype(jnp.float32), axis=-1)
+  p = p.reshape(b, r, h, -1).sum(axis=2)  # [B, R, T]
+  return jax.vmap(lambda rows, s0: jax.lax.dynamic_slice_in_dim(rows, s0, num_image_tokens, 1))(
+    p, image_start.astype(jnp.int32))
+
+
 def image_attention_row(q: jax.Array, k: jax.Array, bias: jax.Array, image_start: jax.Array,
                         num_image_tokens: int) -> jax.Array:
-  """Head-summed attention probabilities of ONE query row over the image keys.
-
-  q: float[B, H, D] (the row's query, RoPE applied); k: float[B, T, KV, D]; bias: float[B, T]
-  additive mask of that row (0 / -inf: causal + padding); image_start: int[B].
-  Returns float32[B, num_image_tokens] = sum_h softmax_T(q k^T / sqrt(D) + bias)[image span]:
-  O(B H T D), never a T x T map.
-  """
-  b, h, d = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, kv, h // kv, d).astype(jnp.float32)
-  s = jnp.einsum("bgrd,btgd->bgrt", qg, k.astype(jnp.float32)) / math.sqrt(d)
-  p = jax.nn.softmax(s + bias[:, None, None, :].astype(jnp.float32), axis=-1)
-  p = p.reshape(b, h, -1).sum(axis=1)  # [B, T]
-  return jax.vmap(lambda row, s0: jax.lax.dynamic_slice(row, (s0,), (num_image_tokens,)))(
-    p, image_start.astype(jnp.int32))
+  """`image_attention_rows` for ONE row: q float[B, H, D], bias float[B, T] -> float32[B, n]."""
+  return image_attention_rows(q[:, None], k, bias[:, None], image_start, num_image_tokens)[:, 0]
 
 
 def hierarchical_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,

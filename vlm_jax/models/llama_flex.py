@@ -63,7 +63,7 @@ class FlexAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, bias, positions, hr, hr_cos, hr_sin, hd_valid, select_row, image_start,
-               margins, alpha, cache=None, hr_kv=None):
+               margins, alpha, cache=None, hr_kv=None, train_rows=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     kv_shape, kv_axes = (self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv")
     q = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), use_bias=self.qkv_bias,
@@ -95,7 +95,11 @@ class FlexAttention(nn.Module):
     out = hl.hierarchical_attention(q, k, v, bias, k_hd, v_hd, hd_valid, alpha)
     out = dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name="o", **kw)(out)
     selection = None
-    if select_row is not None:
+    if train_rows is not None:  # training path: every row's own selection (only answer rows use it)
+      attn = hl.image_attention_rows(q, k, bias[:, 0], image_start, self.num_image_tokens)
+      selection = hl.select_blocks(attn, threshold=self.threshold, blocks=self.blocks,
+                                   margins=None if margins is None else margins[:, None])
+    elif select_row is not None:
       q_row = jnp.take_along_axis(q, select_row[:, None, None, None], axis=1)[:, 0]
       bias_row = jnp.take_along_axis(bias[:, 0], select_row[:, None, None], axis=1)[:, 0]
       attn = hl.image_attention_row(q_row, k, bias_row, image_start, self.num_image_tokens)
@@ -123,14 +127,14 @@ class FlexDecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, bias, positions, hr=None, hr_cos=None, hr_sin=None, hd_valid=None,
                select_row=None, image_start=None, margins=None, alpha=1.0, cache=None,
-               hr_kv=None):
+               hr_kv=None, train_rows=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.norm_eps, name="input_norm", **kw)(x)
     h, selection, new_cache, kv_hd = FlexAttention(
       self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, self.qkv_bias,
       self.num_image_tokens, self.threshold, self.blocks, name="attn", **kw)(
       h, bias, positions, hr, hr_cos, hr_sin, hd_valid, select_row, image_start, margins, alpha,
-      cache, hr_kv)
+      cache, hr_kv, train_rows)
     x = x + h
     h = RMSNorm(self.norm_eps, name="post_attn_norm", **kw)(x)
     x = x + SwiGlu(self.mlp_dim, name="mlp", **kw)(h)
@@ -144,8 +148,15 @@ class Model(llama.Model):
   features: projector output of the 3 x 3 crops, stitched row-major), hr_cos / hr_sin
   float[B, hr_grid^2, Dh] (their RoPE tables), image_start int[B] (first LR image token),
   margins float[B, G, G] (`hierarchical.margin_mask`, or None), select_row int[B] (default: the
-  last position of each row), alpha, embed_hook) -> (logits float32[B, T, V], aux) with
-  aux["selections"]: per FlexAttention layer the (block index [B, budget], valid [B, budget]) it used.
+  last position of each row), alpha, embed_hook, train_rows bool[B, T]) -> (logits float32[B, T, V],
+  aux) with aux["selections"]: per FlexAttention layer the (block index [B, budget], valid
+  [B, budget]) it used.
+
+  Training path (`train_rows`, the rows that predict answer tokens; reference/flex_inf.md 1.4-1.5):
+  as the authors' `self.training` branch, every FlexAttention layer keeps all hr_grid^2 HR keys and
+  each train row sees the blocks selected from ITS OWN attention row in the previous layer
+  (`hd_valid[b, t] = train_rows[b, t] & blocks(sel[b, t])`); other rows see no HR key. Then
+  aux["selections"] holds (selected bool[B, T, blocks^2], train_rows) per layer.
   Without `hr` every layer is plain LLaMA (equal to `llama.Model` on the same params).
   """
 
@@ -183,7 +194,7 @@ class Model(llama.Model):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, caches=None, *, hr=None,
                hr_cos=None, hr_sin=None, image_start=None, margins=None, select_row=None,
-               alpha=1.0, embed_hook=None, last_logits_only=False, hr_cache=None):
+               alpha=1.0, embed_hook=None, last_logits_only=False, hr_cache=None, train_rows=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t = input_ids.shape
     offset = 0 if caches is None else caches[0].index
@@ -210,7 +221,13 @@ class Model(llama.Model):
     tokens_per_block = (self.hr_grid // self.flex_blocks) ** 2
     for i in range(self.num_layers):
       args = dict(cache=None if caches is None else caches[i])
-      if hr is not None and i >= self.flex_start:
+      if hr is not None and train_rows is not None and i >= self.flex_start:
+        used.append((selection[0], train_rows))
+        seen = hl.blocks_to_tokens(selection[0], self.flex_blocks, self.hr_grid)   # [B, T, M]
+        slot_valid = jnp.ones(hr.shape[:2], bool)
+        args.update(hr=hr, hr_cos=hr_cos, hr_sin=hr_sin, alpha=alpha,
+                    hd_valid=seen & train_rows[:, :, None].astype(bool))
+      elif hr is not None and i >= self.flex_start:
         index, valid = hl.budget_blocks(*selection, self.budget)
         used.append((index, valid))
         slot_valid = jnp.repeat(valid, tokens_per_block, axis=1)              # [B, M]
@@ -224,7 +241,9 @@ class Model(llama.Model):
                     hd_valid=jnp.broadcast_to(slot_valid[:, None, :], (b, t, slot_valid.shape[1])))
       emit = hr is not None and i >= self.flex_start - 1 and i < self.num_layers - 1
       if emit:
-        args.update(select_row=select_row, image_start=image_start, margins=margins)
+        args.update(image_start=image_start, margins=margins,
+                    **({"select_row": select_row} if train_rows is None else
+                       {"train_rows": train_rows}))
       x, (sel, cache, kv_hd) = layer(name=f"layers_{i}")(x, bias, positions, **args)
       new_caches.append(cache)
       if hr is not None and i >= self.flex_start:

@@ -62,14 +62,23 @@ def margins_from_sizes(ori_sizes: jax.Array, grid: int) -> jax.Array:
 
 
 class Model(llava.Model):
-  """(images [B, zS, zS, 3], input_ids, attention_mask, *, ori_sizes, select_row, alpha)
-  -> (logits float32[B, T, V], aux{"image_features", "hr_features", "lm"}).
+  """(images [B, zS, zS, 3], input_ids, attention_mask, *, ori_sizes, select_row, alpha,
+  answer_rows, step) -> (logits float32[B, T, V], aux{"image_features", "hr_features", "lm"}).
 
   lm: kwargs of `models.llama_flex.Model` (its num_image_tokens / hr_grid / flex_blocks must fit
-  this tower: P image tokens, hr_grid = zoom * sqrt(P))."""
+  this tower: P image tokens, hr_grid = zoom * sqrt(P)).
+
+  Training (`answer_rows` bool[B, T] from the data, `data.llava.answer_rows`): the authors'
+  training path (`llama_flex.Model` train_rows: every answer-predicting row selects its own HR
+  blocks over all HR keys), with the blend ramp alpha = min(1, step / alpha_ramp_steps) (the
+  authors' min(1, 10 * epoch): `alpha_ramp_steps` = a tenth of an epoch in steps; 0 = alpha 1).
+  The train step passes `step` to models whose `takes_step` is True.
+  Every sample must have its image (row b reads images[b]); text-only samples are not supported."""
 
   lm_family: str = "llama_flex"
   zoom: int = 3
+  alpha_ramp_steps: int = 0
+  takes_step = True
 
   def __post_init__(self):
     if self.lm_family != "llama_flex":
@@ -78,11 +87,30 @@ class Model(llava.Model):
       raise ValueError("llava_flex: the HR grid needs patch tokens only (select strategy 'default')")
     super().__post_init__()
 
+  @staticmethod
+  def complete_loaded(loaded: dict, targets: dict) -> dict:
+    """Initial weights (`train.init`): k_hd / v_hd params that the source (a LLaVA-1.5 checkpoint
+    or stage) lacks start as copies of the loaded k / v (`llama_flex.hd_from_kv`, the authors'
+    prepare_model.py). Flat "lm/layers_3/attn/k_hd/kernel" paths."""
+    out = dict(loaded)
+    for path in targets:
+      for hd, base in (("/attn/k_hd/", "/attn/k/"), ("/attn/v_hd/", "/attn/v/")):
+        src = path.replace(hd, base)
+        if hd in path and path not in loaded and src in loaded:
+          out[path] = loaded[src]
+    return out
+
   @nn.compact
   def __call__(self, images, input_ids, attention_mask=None, *, ori_sizes=None, select_row=None,
-               alpha=1.0, positions=None, caches=None, last_logits_only=False, hr_cache=None):
+               alpha=None, positions=None, caches=None, last_logits_only=False, hr_cache=None,
+               answer_rows=None, step=None):
     """images None = a decoding step: the LM reads the prefill's cached HR keys/values (`hr_cache`,
-    from aux["lm"]["hr_cache"] of the prefill), no vision tower runs."""
+    from aux["lm"]["hr_cache"] of the prefill), no vision tower runs. alpha None: 1, or the ramp
+    at `step` when both step and alpha_ramp_steps are given."""
+    if alpha is None:
+      alpha = 1.0
+      if step is not None and self.alpha_ramp_steps > 0:
+        alpha = jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / self.alpha_ramp_steps)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     lm = llama_flex.Model(name="lm", **kw, **dict(self.lm or {}))
     if images is None:
@@ -125,5 +153,5 @@ class Model(llava.Model):
     logits, laux = lm(jnp.where(is_image, 0, input_ids), attention_mask, positions, caches,
                       hr=hr, hr_cos=hr_cos, hr_sin=hr_sin, image_start=image_start,
                       margins=margins, select_row=select_row, alpha=alpha, embed_hook=hook,
-                      last_logits_only=last_logits_only)
+                      last_logits_only=last_logits_only, train_rows=answer_rows)
     return logits, {"image_features": lr_feats, "hr_features": hr, "lm": laux}

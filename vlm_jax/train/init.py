@@ -49,9 +49,11 @@ def load_initial_weights(config, workdir: str, state: TrainState, abstract_state
     return state
   model = build_model(*model_config(config))
   stacks = model.layer_stacks() if hasattr(model, "layer_stacks") else ()
+  # Params a model derives from others it loaded (LLaVA-FlexAttn's k_hd / v_hd from k / v).
+  complete = getattr(model, "complete_loaded", None)
   if init.get("checkpoint"):
     state = load_converted_checkpoint(init.checkpoint, init.get("checkpoint_prefix", ""), state,
-                                      abstract_state, stacks)
+                                      abstract_state, stacks, complete)
   stage = init.get("stage")
   if not stage:
     return state
@@ -64,14 +66,17 @@ def load_initial_weights(config, workdir: str, state: TrainState, abstract_state
   loaded = {f"{prefix}/{k}" if prefix else k: v for k, v in flatten(params).items()}
   targets = {**flatten(abstract_state.trainable), **flatten(abstract_state.frozen)}
   loaded = stack_rows(loaded, targets, layer_slots(targets, stacks), source=f"stage {stage.name!r}")
+  if complete is not None:
+    loaded = complete(loaded, targets)
   return overwrite_params(state, abstract_state, loaded, source=f"stage {stage.name!r}")
 
 
 def load_converted_checkpoint(directory: str, prefix: str, state: TrainState,
                               abstract_state: TrainState,
-                              stacks: tuple[LayerStack, ...] = ()) -> TrainState:
+                              stacks: tuple[LayerStack, ...] = (), complete=None) -> TrainState:
   """Restore a converted checkpoint's params onto the shardings of this run's params at `prefix`;
-  per-layer params of a scanned stack (`stacks`) are stacked into it."""
+  per-layer params of a scanned stack (`stacks`) are stacked into it. complete(loaded, targets)
+  -> loaded: the model's derived params (`complete_loaded`), before the untouched ones are logged."""
   targets = {**flatten(abstract_state.trainable), **flatten(abstract_state.frozen)}
   slots = layer_slots(targets, stacks)  # per-layer path -> (stacked path, row)
 
@@ -95,6 +100,8 @@ def load_converted_checkpoint(directory: str, prefix: str, state: TrainState,
                                                 for p in stored})
   loaded = {ours(p): v for p, v in flatten(params).items()}
   loaded = stack_rows(loaded, targets, slots, source=directory)
+  if complete is not None:
+    loaded = complete(loaded, targets)
   untouched = sorted(k for k in targets if (k.startswith(prefix) if prefix else True)
                      and k not in loaded)
   if untouched:

@@ -31,7 +31,10 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable) 
 
     def compute_loss(trainable):
       params = merge_params(trainable, state.frozen)
-      return model_loss(functools.partial(model.apply, {"params": params}), batch)
+      apply = functools.partial(model.apply, {"params": params})
+      if getattr(model, "takes_step", False):  # schedules inside the model (FlexAttention's ramp)
+        apply = functools.partial(apply, step=state.step)
+      return model_loss(apply, batch)
 
     (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
