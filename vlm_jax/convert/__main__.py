@@ -3,6 +3,7 @@ r"""Command line conversion: PyTorch checkpoints -> a vlm_jax checkpoint directo
   python -m vlm_jax.convert lm PATH --out DIR                  # HF causal LM (llama, mistral, gpt_neox, mpt)
   python -m vlm_jax.convert clip PATH --out DIR                # HF CLIPVisionModel / CLIPModel
   python -m vlm_jax.convert llava PATH [--vision CLIP] --out DIR
+  python -m vlm_jax.convert inf-llava PATH --vision CLIP --out DIR   # WeihuangLin/INF-LLaVA-sft
   python -m vlm_jax.convert openflamingo --checkpoint checkpoint.pt --lm LM_DIR --vision CLIP \
       --cross-attn-every-n-layers 1 --out DIR
   python -m vlm_jax.convert to-hf DIR --out HF_DIR             # back to transformers (LMs, LLaVA)
@@ -22,7 +23,7 @@ import time
 
 
 from vlm_jax import converted, paths, sharding
-from vlm_jax.convert import hf, llava, openflamingo
+from vlm_jax.convert import hf, inf_llava, llava, openflamingo
 from vlm_jax.models import build_model
 from vlm_jax.param_paths import flatten
 
@@ -52,6 +53,8 @@ def _load(args, mesh):
     return hf.load_hf_clip_vision(args.path, **kw)
   if args.command == "llava":
     return llava.load_hf_llava(args.path, vision=args.vision, **kw)
+  if args.command == "inf-llava":
+    return inf_llava.load_inf_llava(args.path, vision=args.vision, **kw)
   return openflamingo.load_openflamingo(
     args.checkpoint, lm=args.lm, vision=args.vision, vision_weights=args.vision_weights,
     cross_attn_every_n_layers=args.cross_attn_every_n_layers, vision_tokens=args.vision_tokens,
@@ -77,11 +80,14 @@ def parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
   for name, help_ in (("lm", "HF causal-LM directory"), ("clip", "HF CLIP directory"),
                       ("llava", "LLaVA-1.5 directory (liuhaotian or llava-hf layout)"),
+                      ("inf-llava", "INF-LLaVA directory (liuhaotian layout + model.spatial_embed)"),
                       ("to-hf", "a directory written by this tool")):
     s = sub.add_parser(name, help=help_)
     s.add_argument("path", help=help_)
   sub.choices["llava"].add_argument("--vision", help="HF CLIP directory when the LLaVA checkpoint "
                                     "has no vision tower weights (liuhaotian releases)")
+  sub.choices["inf-llava"].add_argument("--vision", help="HF CLIP directory: the tower's config, "
+                                        "and its weights when the checkpoint has none")
   of = sub.add_parser("openflamingo", help="OpenFlamingo checkpoint")
   of.add_argument("--checkpoint", required=True,
                   help="checkpoint.pt, checkpoint_N.pt or a full state dict (.pt / .safetensors)")

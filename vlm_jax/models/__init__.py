@@ -4,7 +4,8 @@ import importlib
 
 from flax import linen as nn
 
-FAMILIES = ("vit", "llama", "llama_flex", "gpt_neox", "flamingo", "llava", "llava_flex", "mpt")
+FAMILIES = ("vit", "lavit", "llama", "llama_flex", "gpt_neox", "flamingo", "llava", "llava_flex",
+            "inf_llava", "mpt")
 
 
 def model_class(name: str, field: str = "config.model_name") -> type[nn.Module]:
