@@ -11,16 +11,22 @@ import os
 import ml_collections
 
 
-def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of the config file at `path`, as `--config=<path>:<arg>` gives it (for code that
-  builds configs without flags: tests, benchmarks, notebooks)."""
+def load_config_module(path: str):
+  """The config file at `path` as a module (configs/ is not a package; config files that build on
+  each other, e.g. llava_flex.py on llava.py, load their siblings this way)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file {path} does not exist")
   name = "_vlm_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path`, as `--config=<path>:<arg>` gives it (for code that
+  builds configs without flags: tests, benchmarks, notebooks)."""
+  return load_config_module(path).get_config(arg)
 
 
 def check_preset(arg: str | None, presets, file: str) -> str:
@@ -74,5 +80,6 @@ def base_config() -> ml_collections.ConfigDict:
   # (with config.model_name = "" its model.json also supplies the model config).
   c.init = ml_collections.ConfigDict({"stage": None, "stage_prefix": "",
                                       "checkpoint": ml_collections.config_dict.placeholder(str),
-                                      "checkpoint_prefix": ""})
+                                      "checkpoint_prefix": "",
+                                      "checkpoints": ml_collections.ConfigDict()})
   return c

@@ -23,7 +23,7 @@ import re
 from typing import Any
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_PATH_KEY = re.compile(r"(^|_)(dir|path|paths|json|file|files|checkpoint|questions|annotations|"
+_PATH_KEY = re.compile(r"(^|_)(dir|path|paths|json|file|files|checkpoint|checkpoints|questions|annotations|"
                        r"names)$|^rices_(vision|projection)$")
 _SPEC_PREFIXES = ("openflamingo:",)
 

@@ -182,10 +182,13 @@ def test_training_path_per_answer_row_selection_and_ramp(model_and_params):
 
 
 def test_complete_loaded_copies_k_and_v_into_missing_hd():
-  loaded = {"lm/layers_1/attn/k/kernel": 1, "lm/layers_1/attn/v/kernel": 2,
+  loaded = {"lm/layers_1/attn/k/kernel": jnp.ones(2), "lm/layers_1/attn/v/kernel": 2 * jnp.ones(2),
             "lm/layers_2/attn/k_hd/kernel": 7, "lm/layers_2/attn/k/kernel": 3}
   targets = dict.fromkeys(["lm/layers_1/attn/k_hd/kernel", "lm/layers_1/attn/v_hd/kernel",
                            "lm/layers_2/attn/k_hd/kernel", *loaded])
   got = llava_flex.Model.complete_loaded(loaded, targets)
-  assert got["lm/layers_1/attn/k_hd/kernel"] == 1 and got["lm/layers_1/attn/v_hd/kernel"] == 2
+  assert (got["lm/layers_1/attn/k_hd/kernel"] == 1).all()
+  assert (got["lm/layers_1/attn/v_hd/kernel"] == 2).all()
+  # Copies, not the same buffer (the train step donates every param).
+  assert got["lm/layers_1/attn/k_hd/kernel"] is not loaded["lm/layers_1/attn/k/kernel"]
   assert got["lm/layers_2/attn/k_hd/kernel"] == 7  # loaded ones are kept

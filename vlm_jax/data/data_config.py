@@ -25,6 +25,8 @@ Fields (None = "not set": the default of the reader or the transform that reads 
   num_image_tokens  llava: the image run length P
   template          llava conversation template: vicuna_v1 | llama3 | plain (None: vicuna_v1);
                     with source synthetic it turns kind pairs | vqa | hires into LLaVA conversations
+  image_token_id    llava: the image-run id (None: the tokenizer's "<image>"; -200 for the
+                    liuhaotian layout with a plain Vicuna tokenizer)
   system, bos_token, eos_token, pad_token   llava: the template's system prompt and special tokens
                     (None: `llava.LlavaTransform`'s defaults; bos_token "" = no BOS)
   hires_size        synthetic hires: the drawn image side (None: 6 * image_size); the transform
@@ -75,6 +77,7 @@ class DataConfig:
   max_text_len: int | None = None
   num_image_tokens: int | None = None
   template: str | None = None
+  image_token_id: int | None = None
   system: str | None = None
   bos_token: str | None = None
   eos_token: str | None = None

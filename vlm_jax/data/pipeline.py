@@ -121,7 +121,8 @@ def _llava(data: DataConfig, split: str, tokenizer, source=None):
   """LLaVA conversations (a conversation file, TFDS records, or the synthetic corpus as
   conversations) -> the template's ids, image runs and answer-only labels."""
   source = llava_json.make_source(data, split) if source is None else source
-  optional = {name: getattr(data, name) for name in ("system", "eos_token", "pad_token")
+  optional = {name: getattr(data, name) for name in ("image_token_id", "system", "eos_token",
+                                                     "pad_token")
               if getattr(data, name) is not None}
   if data.bos_token is not None:
     optional["bos_token"] = data.bos_token or None

@@ -97,7 +97,8 @@ class Model(llava.Model):
       for hd, base in (("/attn/k_hd/", "/attn/k/"), ("/attn/v_hd/", "/attn/v/")):
         src = path.replace(hd, base)
         if hd in path and path not in loaded and src in loaded:
-          out[path] = loaded[src]
+          # A copy: one buffer in two params would be donated twice by the train step.
+          out[path] = jnp.array(loaded[src], copy=True)
     return out
 
   @nn.compact

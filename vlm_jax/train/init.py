@@ -8,6 +8,8 @@
   / LLaVA weights); its params are restored straight onto this run's shardings under
   `config.init.checkpoint_prefix` (e.g. `lm/` to start a Flamingo from a converted LM; "" for a whole
   model). Params of this run that the checkpoint lacks keep their fresh init (and are logged).
+- `config.init.checkpoints`: {prefix: directory}, converted parts loaded the same way (LLaVA stage 1:
+  a converted CLIP under `vision` and a converted LM under `lm`).
 Every copied param must exist in this run's state with the same shape: nothing is silently dropped.
 Converted checkpoints (and earlier stages) hold per-layer params (`lm/layers_3/...`); when this
 run's model scans its layers (`scan_layers`, `model.layer_stacks()`), they are stacked into its
@@ -45,7 +47,7 @@ def model_config(config) -> tuple[str, dict]:
 def load_initial_weights(config, workdir: str, state: TrainState, abstract_state: TrainState
                          ) -> TrainState:
   init = config.get("init") or {}
-  if not init.get("checkpoint") and not init.get("stage"):
+  if not init.get("checkpoint") and not init.get("stage") and not init.get("checkpoints"):
     return state
   model = build_model(*model_config(config))
   stacks = model.layer_stacks() if hasattr(model, "layer_stacks") else ()
@@ -54,6 +56,8 @@ def load_initial_weights(config, workdir: str, state: TrainState, abstract_state
   if init.get("checkpoint"):
     state = load_converted_checkpoint(init.checkpoint, init.get("checkpoint_prefix", ""), state,
                                       abstract_state, stacks, complete)
+  for prefix, directory in sorted(dict(init.get("checkpoints") or {}).items()):
+    state = load_converted_checkpoint(directory, prefix, state, abstract_state, stacks, complete)
   stage = init.get("stage")
   if not stage:
     return state
