@@ -1,6 +1,7 @@
 """`python -m vlm_jax.convert`: HF -> checkpoint directory -> HF round trip with the same logits,
 sharded placement on a mesh of 8 fake CPU devices, and training from `config.init.checkpoint`."""
 
+import copy
 import json
 import os
 import subprocess
@@ -79,10 +80,16 @@ def test_dtype_bfloat16_converts_and_stores_in_bfloat16(hf_lm, converted_dir, tm
   model, _ = load_hf_lm(hf_lm[0])
   ids = np.asarray([[5, 17, 33, 2, 40, 41, 8, 50]], np.int32)
   logits, _ = model.apply({"params": converted.load_converted(out)}, ids, np.ones_like(ids))
+  # The model computes in float32 from the bf16 weights, so it equals the HF model whose weights
+  # were rounded to bf16 once (float32 arithmetic), and differs from the unrounded one.
+  rounded = copy.deepcopy(hf_lm[1])
   with torch.no_grad():
-    want = hf_lm[1](input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
-  np.testing.assert_allclose(np.asarray(logits, np.float32), want, atol=0.05)
-  assert np.abs(np.asarray(logits, np.float32) - want).max() > 1e-6  # really rounded
+    for p in rounded.parameters():
+      p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    x = torch.tensor(ids, dtype=torch.long)
+    want, unrounded = rounded(input_ids=x).logits.numpy(), hf_lm[1](input_ids=x).logits.numpy()
+  np.testing.assert_allclose(np.asarray(logits, np.float32), want, atol=2e-5, rtol=0)
+  assert np.abs(np.asarray(logits, np.float32) - unrounded).max() > 1e-3  # really rounded
   # Training starts from it: the trainer upcasts to its own param dtype (float32 here).
   from vlm_jax.train.trainer import train_and_evaluate
   config = load_config("flamingo", "tiny").init.stage

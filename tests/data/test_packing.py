@@ -14,6 +14,7 @@ from flax import linen as nn
 
 from vlm_jax.data import packing, pipeline, streams
 from vlm_jax.data.counting import CountingBatch
+from vlm_jax.data.tokenizer import synthetic_vocab_size
 from vlm_jax.layers.attention import causal_padding_mask
 from vlm_jax.layers.segments import segment_mask, segment_positions
 from vlm_jax.models import build_model, flamingo, gpt_neox, llama, mpt
@@ -197,12 +198,14 @@ def test_flamingo_packed_row_equals_each_example_alone():
       {"params": params}, **inputs)
 
 
+# The synthetic tokenizer's full vocabulary: an id past the table reads NaN from jnp.take.
+V = synthetic_vocab_size()
 LMS = {
-  "llama": llama.Model(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+  "llama": llama.Model(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                        mlp_dim=48),
-  "gpt_neox": gpt_neox.Model(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=48,
+  "gpt_neox": gpt_neox.Model(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=48,
                              rotary_pct=0.5),
-  "mpt": mpt.Model(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=48),
+  "mpt": mpt.Model(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=48),
 }
 
 
