@@ -144,6 +144,9 @@ class LessAttention(nn.Module):
   x: float[B, N, D]; prev_scores: float[B, H, N, N], the PRE-softmax scores of the previous VA or
   LA layer -> (out float[B, N, D], {"scores": float32 A^l (feed this to the next LA layer),
   "probs": float32 Softmax(A^l)}). Params: theta, psi (`ScoreTransform`), v, o.
+  `reuse_scores=True` skips Theta/Psi (A^l = A^{l-1}, the identity transform) and leaves their
+  params untouched, so the layer runs at a token count other than its params' N (a model's
+  variable-resolution fallback); Theta/Psi must then come from an init at the params' N.
   """
 
   num_heads: int
@@ -152,6 +155,7 @@ class LessAttention(nn.Module):
   out_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  reuse_scores: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, prev_scores: jax.Array) -> tuple[jax.Array, dict]:
@@ -163,8 +167,11 @@ class LessAttention(nn.Module):
     dh = d // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     transform = dict(per_head=self.per_head_transform, param_dtype=self.param_dtype)
-    t = ScoreTransform(name="theta", **transform)(prev_scores)             # mixes keys of each row
-    scores = ScoreTransform(name="psi", **transform)(t.swapaxes(-1, -2)).swapaxes(-1, -2)  # queries
+    if self.reuse_scores:
+      scores = prev_scores.astype(jnp.float32)
+    else:
+      t = ScoreTransform(name="theta", **transform)(prev_scores)           # mixes keys of each row
+      scores = ScoreTransform(name="psi", **transform)(t.swapaxes(-1, -2)).swapaxes(-1, -2)  # queries
     scores = nn.with_logical_constraint(scores, _SCORES_AXES)
     probs = jax.nn.softmax(scores, axis=-1)  # after the transform, as Eq. 5 places it
     v = dense((self.num_heads, dh), ("embed", "heads", "kv"), use_bias=self.qkv_bias, name="v",
@@ -209,7 +216,8 @@ class VABlock(nn.Module):
 
 class LABlock(nn.Module):
   """Less-attention encoder block.  x: float[B, N, D]; prev_scores: float[B, H, N, N] (pre-softmax)
-  -> (float[B, N, D], {"scores", "probs"} as `LessAttention`). Params: norm1, attn, norm2, mlp."""
+  -> (float[B, N, D], {"scores", "probs"} as `LessAttention`). Params: norm1, attn, norm2, mlp.
+  `reuse_scores`: as `LessAttention`'s (skip Theta/Psi)."""
 
   num_heads: int
   mlp_dim: int
@@ -218,11 +226,12 @@ class LABlock(nn.Module):
   per_head_transform: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  reuse_scores: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, prev_scores: jax.Array) -> tuple[jax.Array, dict]:
     attn = LessAttention(self.num_heads, self.per_head_transform, name="attn", dtype=self.dtype,
-                         param_dtype=self.param_dtype)
+                         param_dtype=self.param_dtype, reuse_scores=self.reuse_scores)
     return _encoder_block(self, attn, x, prev_scores)
 
 
