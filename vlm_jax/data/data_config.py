@@ -10,13 +10,14 @@ An unknown or misspelt key fails at once, naming it, the closest known fields an
 
 Fields (None = "not set": the default of the reader or the transform that reads it, named):
 
-  source            synthetic | mmc4 | obelics | webdataset | llava | tfds
+  source            synthetic | mmc4 | obelics | webdataset | llava | tfds, or a classification
+                    source: shapes | image_folder | tfds_classification (`classification`)
   tokenizer         "synthetic", a tokenizer.json path or directory, or "openflamingo:DIR"
   kind              synthetic: interleaved | text | pairs | vqa; webdataset: pairs | interleaved;
                     tfds: checked against the built kind
   paths             shard pattern(s): pattern, list, or {split: pattern | list}   (mmc4, obelics,
                     webdataset; see `formats.config_fields.shard_paths`)
-  path              llava: the conversation file, or {split: file}
+  path              llava: the conversation file, or {split: file}; image_folder: {split: root}
   image_dir         images named by the records (mmc4, obelics, llava)
   tfds_dir | tfds_name, tfds_data_dir, tfds_splits     (tfds, see `tfds.source`)
   image_size        image side S (None: required by every source with images)
@@ -31,6 +32,7 @@ Fields (None = "not set": the default of the reader or the transform that reads 
                     (None: `llava.LlavaTransform`'s defaults; bos_token "" = no BOS)
   hires_size        synthetic hires: the drawn image side (None: 6 * image_size); the transform
                     resizes it to image_size
+  hires_target_frac synthetic hires: (lo, hi), the target's side as a fraction of hires_size
   ori_sizes, answer_rows   llava: add each image's original (w, h) / the answer-predicting rows to
                     the model inputs (FlexAttention's margins and training path)
   num_records, seed synthetic corpus size; shuffle / coin seed
@@ -40,6 +42,9 @@ Fields (None = "not set": the default of the reader or the transform that reads 
   min_image_side, max_image_pixels, max_image_bytes    image checks (`images`); for the two
                     maxima None means no limit
   image_dtype       float32 | uint8;   random_flip   probability, train split only
+  random_resized_crop  classification, train split: smallest crop area fraction (DeiT 0.08;
+                    None: no random crop);   crop_pct   classification centre crop: resize the
+                    shorter side to S / crop_pct first (None: 1.0; DeiT evaluates at 0.875)
   num_threads, prefetch_buffer_size, num_workers, worker_buffer_size, skip_log_every   loading
   packing_bins      0: no packing (`packing`)
   mixture, mixture_mode    {name: component data config}, concat | sample (`mixture`)
@@ -83,6 +88,7 @@ class DataConfig:
   eos_token: str | None = None
   pad_token: str | None = None
   hires_size: int | None = None
+  hires_target_frac: tuple = (0.02, 0.04)
   ori_sizes: bool = False
   answer_rows: bool = False
   num_records: int = 100_000
@@ -101,6 +107,8 @@ class DataConfig:
   # OpenFlamingo: RandomHorizontalFlip(0.5) on all images of a sample together. Off for the
   # synthetic corpus, whose captions say "left" / "right".
   random_flip: float = 0.0
+  random_resized_crop: float | None = None
+  crop_pct: float | None = None
   num_threads: int = 8
   # Batch-level prefetching: a few batches ahead is plenty, and each batch holds B * T_img images.
   prefetch_buffer_size: int = 16

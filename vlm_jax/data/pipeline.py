@@ -8,6 +8,7 @@
   llava       LLaVA conversation JSON      -> vicuna_v1 template, image-token runs, answer-only labels
   tfds        ArrayRecord datasets built from any of the above by `python -m vlm_jax.data.tfds.build`
               (the production path: formats parsed and OpenFlamingo matching done once, at build time)
+  shapes | image_folder | tfds_classification   image -> class index (`vlm_jax.data.classification`)
 `config.data.mixture` combines several of these (`vlm_jax.data.mixture`).
 
     source (random access) -> shuffle(seed) -> shard [process_index::process_count] -> repeat
@@ -40,7 +41,7 @@ from typing import Any
 
 import grain
 
-from vlm_jax.data import interleaved, packing, streams, synthetic
+from vlm_jax.data import classification, interleaved, packing, streams, synthetic
 from vlm_jax.data import llava as llava_data
 from vlm_jax.data.augment import JointFlip
 from vlm_jax.data.counting import CountingBatch, StatsCollector
@@ -51,7 +52,7 @@ from vlm_jax.data.records import BadRecord, Skip, skip_for_error, skipping
 from vlm_jax.data.tfds import source as tfds_source
 from vlm_jax.data.tokenizer import load_tokenizer
 
-SOURCES = ("synthetic", "mmc4", "obelics", "webdataset", "llava", "tfds")
+SOURCES = ("synthetic", "mmc4", "obelics", "webdataset", "llava", "tfds", *classification.SOURCES)
 KINDS = ("interleaved", "text", "pairs", "vqa")
 SPLITS = synthetic.SPLITS
 
@@ -142,12 +143,14 @@ def _source_transform_collate(data: DataConfig, split: str):
   name = data.source
   if name not in SOURCES:
     raise ValueError(f"config.data.source={name!r} is not supported; expected one of {SOURCES}.")
+  if name in classification.SOURCES:  # images and class ids: no tokenizer
+    return classification.source_transform_collate(data, split)
   tokenizer = load_tokenizer(data.require("tokenizer", name))
   if name == "synthetic" and data.template is not None:
     return _llava(data, split, tokenizer, synthetic.ConversationSource(
       data.require("kind", "synthetic"), split=split, num_records=data.num_records,
       image_size=data.require("image_size", "synthetic"), hires_size=data.hires_size,
-      seed=data.seed))
+      hires_target_frac=tuple(data.hires_target_frac), seed=data.seed))
   if name == "synthetic":
     return _synthetic(data, split, tokenizer)
   if name == "llava":
@@ -226,6 +229,8 @@ def make_dataset(
   flip = data.random_flip
   if flip and split == "train":  # after repeat: each epoch draws new flips, restores replay them
     ds = ds.random_map(JointFlip(flip), seed=(seed + 1) % 2**32)
+  if data.random_resized_crop is not None and split == "train":  # classification's crop draws
+    ds = ds.random_map(classification.CropSeed(), seed=(seed + 2) % 2**32)
   ds = ds.map(skipping(transform))
   read_options = grain.ReadOptions(
     num_threads=data.num_threads, prefetch_buffer_size=data.prefetch_buffer_size,

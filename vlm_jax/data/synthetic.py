@@ -170,13 +170,15 @@ def render_shape_image(
 
 
 def render_hires_image(
-  rng: np.random.Generator, image_size: int, shape: str, colour: str
+  rng: np.random.Generator, image_size: int, shape: str, colour: str,
+  target_frac: tuple[float, float] = (0.02, 0.04),
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
   """Draws large grey distractors and one small coloured target.
 
   Returns:
     (uint8[image_size, image_size, 3], target_box) with target_box = (x0, y0, x1, y1) in pixels,
-    x1/y1 exclusive, enclosing the target. The target side is 2-4% of the image side.
+    x1/y1 exclusive, enclosing the target. The target side is a uniform `target_frac` fraction of
+    the image side (at least 6 px).
   """
   s = float(image_size)
   image, _ = _background(rng, image_size)
@@ -188,7 +190,7 @@ def render_hires_image(
     # Low saturation (<= 16 per channel apart) so only the target reads as "coloured".
     grey = _jittered(rng, (level, level, level), 8)
     _draw_shape(draw, SHAPES[int(rng.integers(len(SHAPES)))], cx, cy, r, grey)
-  side = max(6.0, rng.uniform(0.02, 0.04) * s)
+  side = max(6.0, rng.uniform(*target_frac) * s)
   r = side / 2
   cx, cy = rng.uniform(r + 2, s - r - 2), rng.uniform(r + 2, s - r - 2)
   _draw_shape(draw, shape, cx, cy, r, _jittered(rng, COLOUR_RGB[colour], 10))
@@ -199,6 +201,39 @@ def render_hires_image(
     min(image_size, int(np.ceil(cy + r)) + 2),
   )
   return _add_noise(rng, image), box
+
+
+def render_pair_image(
+  rng: np.random.Generator, image_size: int, target: tuple[str, str], distractor: tuple[str, str]
+) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int, int, int]]:
+  """Draws a target and a distractor shape (each `(shape, colour)`) in opposite halves.
+
+  The halves are left/right or top/bottom, and which one holds the target, at random; each shape's
+  side is 28-38% of the image side, so the two never overlap.
+
+  Returns:
+    (uint8[image_size, image_size, 3], target_box, distractor_box), boxes (x0, y0, x1, y1) in
+    pixels, x1/y1 exclusive: the exact extent of each shape's drawn pixels (before the noise).
+  """
+  s = float(image_size)
+  image, _ = _background(rng, image_size)
+  draw = ImageDraw.Draw(image)
+  vertical = bool(rng.integers(2))  # split into top/bottom halves instead of left/right
+  halves = [(0.0, s / 2), (s / 2, s)]
+  if rng.integers(2):
+    halves.reverse()
+  boxes = []
+  for (shape, colour), (lo, hi) in zip((target, distractor), halves):
+    r = rng.uniform(0.28, 0.38) * s / 2
+    along, across = rng.uniform(lo + r + 1, hi - r - 1), rng.uniform(r + 1, s - r - 1)
+    cx, cy = (across, along) if vertical else (along, across)
+    fill = _jittered(rng, COLOUR_RGB[colour], 15)
+    _draw_shape(draw, shape, cx, cy, r, fill)
+    # The box from the shape drawn alone, so it is exactly the pixels the shape covers.
+    alone = Image.new("L", (image_size, image_size), 0)
+    _draw_shape(ImageDraw.Draw(alone), shape, cx, cy, r, 255)
+    boxes.append(tuple(int(v) for v in alone.getbbox()))
+  return _add_noise(rng, image), boxes[0], boxes[1]
 
 
 def _caption(rng, shape, colour, size, position) -> str:
@@ -231,6 +266,7 @@ class SyntheticSource:
     max_images: int = 3,
     seed: int = 0,
     hires_size: int | None = None,
+    hires_target_frac: tuple[float, float] = (0.02, 0.04),
   ):
     if kind not in _KIND_IDS:
       raise ValueError(f"SyntheticSource: unknown kind {kind!r}; expected one of {KINDS}.")
@@ -252,6 +288,11 @@ class SyntheticSource:
       seed,
     )
     self.hires_size = hires_size if hires_size is not None else 6 * image_size
+    lo, hi = (float(v) for v in hires_target_frac)
+    if not 0 < lo <= hi < 0.5:
+      raise ValueError(f"SyntheticSource: hires_target_frac must be 0 < lo <= hi < 0.5, got "
+                       f"{hires_target_frac}.")
+    self.hires_target_frac = (lo, hi)
 
   def __len__(self) -> int:
     return self.num_records
@@ -328,7 +369,7 @@ class SyntheticSource:
   def _make_hires(self, rng) -> dict[str, Any]:
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     colour = COLOURS[int(rng.integers(len(COLOURS)))]
-    image, box = render_hires_image(rng, self.hires_size, shape, colour)
+    image, box = render_hires_image(rng, self.hires_size, shape, colour, self.hires_target_frac)
     record = self._vqa_record(image, HIRES_QUESTION, colour, "colour", SHAPES.index(shape))
     record["target_box"] = box
     return record

@@ -12,6 +12,11 @@
   before the first answer token, and the prediction is the argmax at the prompt's last row (the row
   FlexAttention selects from at inference). Metrics `eval/accuracy{suffix}` and per question type.
 - `loss`: mean training loss and token accuracy over held-out batches of `config.data`.
+- `classification`: top-1 (and top-5) accuracy and plain CE (no smoothing, no aux terms) of a
+  classifier (logits[B, C]) over the held-out split of `config.data`, batch `batch_size` (default
+  config.batch_size), the first ceil(`num_examples` / batch_size) batches (default: the whole
+  split, less its partial last batch); `eval/num_examples` says how many were scored.
+- `param_count`: `eval/num_params`, the number of parameters of the evaluated model.
 - `fewshot`: OpenFlamingo's few-shot protocol (`vlm_jax.eval.fewshot`) on the tasks of the evaluator's
   own fields, over `config.fewshot`, over the synthetic defaults (`tasks`, `shots`, `trial_seeds`,
   `num_samples`, ...); metrics `eval/fewshot_<task>_<k>shot<suffix>` (mean over seeds).
@@ -29,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
 
 from vlm_jax import sharding
@@ -216,8 +222,57 @@ class FewShot:
     return {f"{k}{self.suffix}": v for k, v in self._flat(results, "eval/fewshot_", "_").items()}
 
 
+class Classification:
+  """Top-1 / top-5 accuracy and CE of a classifier on the held-out split of `config.data`."""
+
+  def __init__(self, name: str, cfg, config, model, mesh, rules, loss_fn):
+    del loss_fn  # the plain CE: label smoothing and aux losses are training terms
+    self.name, self.mesh, self.rules, self.config = name, mesh, rules, config
+    self.suffix = cfg.get("suffix", "")
+    self.batch_size = int(cfg.get("batch_size") or config.batch_size)
+    self.num_examples = cfg.get("num_examples")
+
+    def evaluate(params, batch):
+      logits, _ = model.apply({"params": params}, **batch["inputs"])
+      logits, labels = logits.astype(jnp.float32), batch["labels"]
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+      k = min(5, logits.shape[-1])
+      top = jax.lax.top_k(logits, k)[1]
+      return ce, (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      self._eval = jax.jit(evaluate)
+
+  def run(self, params) -> dict[str, float]:
+    ds = make_dataset(self.config.data, split="eval",
+                      batch_size=self.batch_size // jax.process_count(), repeat=False)
+    total = np.zeros(3)
+    count = 0
+    for local in ds:
+      if self.num_examples and count >= int(self.num_examples):
+        break
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        out = self._eval(params, sharding.global_batch(local, self.mesh))
+      total += np.asarray(jax.device_get(out), np.float64)
+      count += self.batch_size
+    ce, top1, top5 = (float(v) / max(count, 1) for v in total)
+    return {f"eval/accuracy{self.suffix}": top1, f"eval/top5_accuracy{self.suffix}": top5,
+            f"eval/loss{self.suffix}": ce, f"eval/num_examples{self.suffix}": float(count)}
+
+
+class ParamCount:
+  """The number of parameters of the evaluated model (trainable and frozen)."""
+
+  def __init__(self, name: str, cfg, config, model, mesh, rules, loss_fn):
+    del config, model, mesh, rules, loss_fn
+    self.name, self.suffix = name, cfg.get("suffix", "")
+
+  def run(self, params) -> dict[str, float]:
+    return {f"eval/num_params{self.suffix}": float(sum(x.size for x in jax.tree.leaves(params)))}
+
+
 EVALUATORS = {"synthetic_vqa": SyntheticVQA, "llava_vqa": LlavaVQA, "loss": HeldOutLoss,
-              "fewshot": FewShot}
+              "fewshot": FewShot, "classification": Classification, "param_count": ParamCount}
 
 
 def build_evaluators(config, model, mesh, rules, loss_fn) -> list:

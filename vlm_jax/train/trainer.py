@@ -4,6 +4,10 @@ Resume order (first that applies): (1) the latest checkpoint in `workdir` (state
 (2) fresh init, then weights from `config.init` (a finished earlier stage such as the embedded default's
 LM pretraining, run first if needed). Running the same command again therefore continues where a killed
 run stopped, with the same data order, and ends with the same result.
+
+`config.baselines` ({name: run config}, optional): runs to compare with this one (configs/lavit.py:
+the ViT of the same widths), each trained after it in `<workdir>/<name>` (resuming there too); their
+results join this run's results.json as `<name>/<metric>`.
 """
 
 import logging
@@ -64,7 +68,7 @@ def jit_train_step(config, model, tx, abstract_state: TrainState, mesh) -> Calla
   state donated and kept on its shardings, metrics replicated. Trace it (first call, or `.lower`)
   under `jax.set_mesh(mesh)` and the logical rules, or the models' activation sharding constraints
   are dropped from the compiled step."""
-  loss_fn = get_loss(config.loss)
+  loss_fn = get_loss(config.loss, config.get("loss_options"))
   weights = mixture.loss_weights(config.data)  # a concat mixture trains on sum_d w_d * loss_d
   train_loss = MixtureLoss(loss_fn, weights) if weights else loss_fn
   state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
@@ -134,7 +138,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
     state = init_lib.load_initial_weights(config, workdir, state, abstract_state)
 
   p_step = jit_train_step(config, model, tx, abstract_state, mesh)
-  evaluators = build_evaluators(config, model, mesh, rules, get_loss(config.loss))
+  evaluators = build_evaluators(config, model, mesh, rules,
+                                get_loss(config.loss, config.get("loss_options")))
   schedule = learning_rate_schedule(config.optimizer)
   logger = MetricLogger(workdir, config.total_steps, prefix=f"[{stage}] ")
   base_rng = jax.random.PRNGKey(config.seed + 1)
@@ -208,6 +213,9 @@ def train_and_evaluate(config, workdir: str) -> tuple[dict, Any]:
                {k: round(v, 4) for k, v in results.items() if isinstance(v, float)})
   logger.write_scalars(step, {k: v for k, v in results.items() if k != "step"})
   logger.close()
+  for name, other in sorted(dict(config.get("baselines") or {}).items()):
+    compared, _ = train_and_evaluate(other, os.path.join(workdir, name))
+    results.update({f"{name}/{k}": v for k, v in compared.items()})
   if is_chief:
     files.write_json(results_path, results)
   return results, state.params
