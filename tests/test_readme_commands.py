@@ -146,7 +146,10 @@ COVERED = {
   "launch/make_colab.py": "tests/test_launch.py::test_colab_notebook",
   "vlm_jax.convert clip": "tests/convert/test_hf_clip.py",
   "vlm_jax.convert llava": "tests/convert/test_hf_llava.py",
+  "vlm_jax.convert inf-llava": "tests/convert/test_inf_llava.py",
   "vlm_jax.convert openflamingo": "tests/convert/test_openflamingo.py",
+  "vlm_jax.prompt": "tests/prompting/test_prompt_cli.py",
+  "vlm_jax.prompting.synthetic_check": "tests/prompting/test_synthetic_check.py",
 }
 RUN_HERE = {"vlm_jax.main train", "vlm_jax.main eval", "vlm_jax.main compile_only",
             "vlm_jax.generate", "vlm_jax.convert lm", "vlm_jax.convert to-hf",
