@@ -17,6 +17,12 @@ xattn block maps Dv to its own inner width (8 heads x 64 in OpenFlamingo). Submo
 what the released OpenFlamingo models were trained with) or "post_ln_post" (LN_post applied to every
 token, what open_clip >= 2.23 returns).
 
+LaViT tower (`vision_family="lavit"`, `vision` = kwargs of `vlm_jax.models.lavit.Model`, its head
+dropped): the resampler reads the last stage's tokens float[B * T_img, N_last, D_last] (row-major,
+no CLS to drop; N_last = (S / (patch * 8))^2) and runs at width D_last = dims[-1]. LaViT has no
+per-token final norm (its head LN sees the pooled mean only), so `vision_tokens` must be
+"pre_ln_post" (the last stage output as is, the analogue of the ViT's last hidden state).
+
 Scale: `lm.scan_layers` scans the LM over groups of `cross_attn_every_n_layers` decoder layers, each
 group running its xattn block before its last layer (the placement above; num_layers must be a
 multiple of n). Params: the decoder layers as the scanned LM's `lm/layers/...` [L, ...] and the
@@ -51,7 +57,7 @@ import jax.numpy as jnp
 from vlm_jax.layers.gated_xattn import GatedCrossAttentionBlock, media_text_time
 from vlm_jax.layers.resampler import PerceiverResampler
 from vlm_jax.layers.scan import remat_call
-from vlm_jax.models import llama, lm_spec, model_class, vit
+from vlm_jax.models import llama, lm_spec, model_class, vision_tower
 from vlm_jax.param_paths import LayerStack
 
 Dtype = Any
@@ -68,7 +74,8 @@ def xattn_layer_ids(num_layers: int, every: int) -> list[int]:
 class Model(nn.Module):
   """(vision_x, input_ids, attention_mask) -> (logits float32[B, T_txt, V], aux)."""
 
-  vision: Any = None
+  vision: Any = None  # kwargs of models.vit.Model, or models.lavit.Model with vision_family="lavit"
+  vision_family: str = "vit"
   lm: Any = None
   resampler: Any = None
   xattn: Any = None
@@ -86,6 +93,12 @@ class Model(nn.Module):
     if self.vision_tokens not in ("pre_ln_post", "post_ln_post"):
       raise ValueError(f"model.vision_tokens must be 'pre_ln_post' or 'post_ln_post', "
                        f"got {self.vision_tokens!r}")
+    if self.vision_family != "vit":
+      self._tower(parent=None)  # an unknown family fails here, naming model.vision_family
+      if self.vision_tokens != "pre_ln_post":
+        raise ValueError(f"model.vision_tokens must be 'pre_ln_post' with vision_family "
+                         f"{self.vision_family!r} (no per-token LN_post), got "
+                         f"{self.vision_tokens!r}")
     lm = lm_spec(self.lm_family, self.lm)
     every = self.cross_attn_every_n_layers
     if lm.scan_layers and (every < 1 or lm.num_layers % every):
@@ -99,13 +112,17 @@ class Model(nn.Module):
     """The scanned stacks of this model's param layout (vision, LM and xattn; none by default)."""
     lm_cfg = dict(self.lm or {})
     lm = lm_spec(self.lm_family, lm_cfg)
-    out = [s.prefixed("vision/") for s in vit.Model(parent=None, **dict(self.vision or {}))
-           .layer_stacks()]
+    out = [s.prefixed("vision/") for s in self._tower(parent=None).layer_stacks()]
     out += [s.prefixed("lm/") for s in lm.layer_stacks()]
     if lm.scan_layers:
       ids = xattn_layer_ids(lm.num_layers, self.cross_attn_every_n_layers)
       out.append(LayerStack("xattn_{i}", "lm/layers/xattn", tuple(ids)))
     return tuple(out)
+
+  @nn.nowrap
+  def _tower(self, **module_kw) -> nn.Module:
+    """The `vision_family` tower from `vision` (`models.vision_tower`)."""
+    return vision_tower(self.vision_family, self.vision, **module_kw)
 
   @nn.nowrap
   def init_caches(self, batch: int, max_len: int, dtype=None):
@@ -181,12 +198,16 @@ class Model(nn.Module):
     return logits, {"media": media, "text_time": text_time, "media_kv": out_kv, "lm": laux}
 
   def _media(self, vision_x: jax.Array, kw: dict) -> jax.Array:
-    """vision_x float[B, T_img, H, W, 3] -> resampled latents float[B, T_img, R, Dv]."""
+    """vision_x float[B, T_img, H, W, 3] -> resampled latents float[B, T_img, R, Dv] (Dv = D_last
+    for a LaViT tower)."""
     b, t_img = vision_x.shape[:2]
-    vision = vit.Model(name="vision", **kw, **dict(self.vision or {}))
-    last, vaux = vision(vision_x.reshape((b * t_img,) + vision_x.shape[2:]))
-    tokens = last if self.vision_tokens == "pre_ln_post" else vaux["post_norm_tokens"]
-    tokens = tokens[:, 1:]  # drop CLS
+    last, vaux = self._tower(name="vision", **kw)(
+      vision_x.reshape((b * t_img,) + vision_x.shape[2:]))
+    if self.vision_family == "lavit":
+      tokens = vaux["hidden_states"][-1]  # the last stage, [B * T_img, N_last, D_last]; no CLS
+    else:
+      tokens = last if self.vision_tokens == "pre_ln_post" else vaux["post_norm_tokens"]
+      tokens = tokens[:, 1:]  # drop CLS
     tokens = tokens.reshape(b, t_img, 1, tokens.shape[1], tokens.shape[2])
     media, _ = PerceiverResampler(name="resampler", **kw, **dict(self.resampler or {}))(tokens)
     return media

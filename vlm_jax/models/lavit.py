@@ -44,6 +44,9 @@ Contract (used as a classifier or as a vision tower):
                         of float32[B, H_m, N_m, N_m] softmax probabilities.
   num_classes=0 drops the head and returns aux["pooled"] as the first output. Unlike
   `models.vit.Model`, hidden states are per stage (widths differ) and carry no CLS token.
+  As `models.vit.Model`, uint8[B, H, W, 3] raw pixels are normalised here with the CLIP mean/std
+  (the evaluators feed uint8 to a composed model's tower; float input is used as given).
+  As the vision tower of Flamingo / LLaVA: `model.vision_family="lavit"` (`models.vision_tower`).
 """
 
 from typing import Any, Sequence
@@ -58,6 +61,8 @@ from vlm_jax.layers.less_attention import (AR_MODES, DP_MODES, AttentionResidual
 from vlm_jax.layers.linear import dense
 from vlm_jax.layers.norms import LayerNorm
 from vlm_jax.layers.scan import check_remat_policy, remat_call
+from vlm_jax.models.vit import CLIP_MEAN, CLIP_STD
+from vlm_jax.param_paths import LayerStack
 
 Dtype = Any
 _TOKENS_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -223,6 +228,19 @@ class Model(nn.Module):
                  for m in range(len(self.dims)))
 
   @nn.nowrap
+  def num_tokens(self, m: int = -1) -> int:
+    """N_m, the tokens of stage m (negative m counts from the last) at image_size."""
+    if not -len(self.dims) <= m < len(self.dims):
+      raise ValueError(f"lavit stage {m} out of range for {len(self.dims)} stages")
+    h, w = self.stage_grids()[m]
+    return h * w
+
+  @nn.nowrap
+  def layer_stacks(self) -> tuple[LayerStack, ...]:
+    """The scanned stacks of this model's param layout: none (stages are unrolled)."""
+    return ()
+
+  @nn.nowrap
   def layer_types(self) -> tuple[tuple[str, ...], ...]:
     """Per stage, "va" or "la" for each layer."""
     return tuple(tuple("va" if i < va else "la" for i in range(depth))
@@ -266,6 +284,9 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, output_attentions: bool = False
                ) -> tuple[jax.Array, dict]:
+    if images.dtype == jnp.uint8:
+      mean, std = jnp.asarray(CLIP_MEAN, jnp.float32), jnp.asarray(CLIP_STD, jnp.float32)
+      images = (images.astype(jnp.float32) / 255.0 - mean) / std
     fallback = self._check_resolution(images)
     x, prev, hidden, maps, attns, la_probs = images, None, [], [], [], []
     for m in range(len(self.dims)):

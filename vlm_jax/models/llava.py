@@ -24,6 +24,15 @@ with `vision.scan_layers`: a scan runs every layer).
 `lm.scan_layers` / `vision.scan_layers` and `*.remat_policy` are the towers' own options;
 `layer_stacks()` lists the scanned stacks for the converters.
 
+LaViT tower (`vision_family="lavit"`, `vision` = kwargs of `vlm_jax.models.lavit.Model`, its head
+dropped): Z = hidden_states[vision_feature_layer] indexes the tower's STAGE outputs
+float[N, N_m, D_m] (row-major h_m x w_m tokens, no CLS, nothing dropped), so the default -2 is the
+second-to-last stage (4 stages, patch 4: N = (S / 16)^2, 196 tokens of width dims[2] at 224 px) and
+-1 the last ((S / 32)^2 = 49).
+P = N_m, the projector maps D_m -> D. One int only (stages differ in token count), strategy
+"default" only (there is no CLS token for "full" to keep). `inf_llava` / `llava_flex` build their
+own ViT and accept "vit" only.
+
 Decoding (`vlm_jax.eval.generate`): with `caches` (from `init_caches`) the LM appends this call's
 keys/values and `attention_mask` covers the whole cache; the images go in with the prompt only (the
 prefill), the new tokens come with `images=None`, so the vision tower and projector run once.
@@ -36,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.layers.mlp import Mlp, activation
-from vlm_jax.models import lm_spec, model_class, vit
+from vlm_jax.models import lm_spec, model_class, vision_tower
 from vlm_jax.param_paths import LayerStack
 
 Dtype = Any
@@ -64,12 +73,16 @@ def scatter_image_features(embeds: jax.Array, is_image: jax.Array,
 class Model(nn.Module):
   """(images, input_ids, attention_mask) -> (logits float32[B, T, V], aux).
 
-  vision: kwargs of `vlm_jax.models.vit.Model`; lm: kwargs of the `lm_family` decoder's `Model`.
+  vision: kwargs of `vlm_jax.models.vit.Model` (or `lavit.Model` with vision_family="lavit");
+  lm: kwargs of the `lm_family` decoder's `Model`.
+  vision_family: "vit" (CLIP ViT) or "lavit" (hierarchical LaViT; see the module docstring).
   vision_feature_layer: index into the ViT's hidden states (0 = embeddings after LN_pre), or a
-  sequence of indices whose features are concatenated along channels (HF allows a list).
+  sequence of indices whose features are concatenated along channels (HF allows a list); with
+  "lavit" one index into the stage outputs.
   """
 
   vision: Any = None
+  vision_family: str = "vit"
   lm: Any = None
   lm_family: str = "llama"
   image_token_id: int = 32000
@@ -91,19 +104,44 @@ class Model(nn.Module):
       raise ValueError(f"model.vision_feature_select_strategy "
                        f"{self.vision_feature_select_strategy!r} is not one of {SELECT_STRATEGIES}")
     activation(self.projector_act)  # fails early, naming the choices
+    if self.vision_family != "vit":
+      self._check_stage_selection()
     super().__post_init__()
+
+  def _check_stage_selection(self):
+    """The tower-dependent field checks of a non-ViT tower (LaViT's stage outputs, no CLS)."""
+    tower = self._tower(parent=None)  # an unknown family fails here, naming model.vision_family
+    if type(self).__call__ is not Model.__call__:  # a subclass with its own ViT-specific forward
+      raise ValueError(f"model.vision_family {self.vision_family!r}: {type(self).__module__} "
+                       "supports only 'vit'")
+    layer, stages = self.vision_feature_layer, len(tower.dims)
+    if not isinstance(layer, int) or not -stages <= layer < stages:
+      raise ValueError(f"model.vision_feature_layer {layer!r} must be one stage index in "
+                       f"[-{stages}, {stages}) with vision_family 'lavit' (stages differ in token "
+                       "count, so their features cannot be concatenated)")
+    if self.vision_feature_select_strategy != "default":
+      raise ValueError("model.vision_feature_select_strategy must be 'default' with "
+                       "vision_family 'lavit': the tower has no CLS token for 'full' to keep")
+
+  @nn.nowrap
+  def _tower(self, **module_kw) -> nn.Module:
+    """The `vision_family` tower from `vision` (`models.vision_tower`)."""
+    return vision_tower(self.vision_family, self.vision, **module_kw)
 
   @property
   def num_image_tokens(self) -> int:
-    """P: the run of image tokens each image occupies in input_ids (576 for CLIP-L/14 at 336)."""
-    v = vit.Model(parent=None, **dict(self.vision or {}))  # parent=None: no submodule made
+    """P: the run of image tokens each image occupies in input_ids (576 for CLIP-L/14 at 336; a
+    LaViT tower: the selected stage's N_m)."""
+    v = self._tower(parent=None)  # parent=None: no submodule made
+    if self.vision_family == "lavit":
+      return v.num_tokens(self.vision_feature_layer)
     return v.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
   @nn.nowrap
   def layer_stacks(self) -> tuple[LayerStack, ...]:
     """The scanned stacks of this model's param layout (none unless a tower scans its layers)."""
     lm = lm_spec(self.lm_family, self.lm)
-    vision = vit.Model(parent=None, **dict(self.vision or {}))
+    vision = self._tower(parent=None)
     return tuple([s.prefixed("vision/") for s in vision.layer_stacks()]
                  + [s.prefixed("lm/") for s in lm.layer_stacks()])
 
@@ -116,13 +154,14 @@ class Model(nn.Module):
 
   def _select(self, hidden_states: Sequence[jax.Array]) -> jax.Array:
     """ViT hidden states -> float[N, P, Dv'] (HF `get_image_features`, original `feature_select`);
-    Dv' = Dv times the number of layers selected."""
+    Dv' = Dv times the number of layers selected. LaViT stage outputs: the selected stage as is."""
     layers = self.vision_feature_layer
     if isinstance(layers, int):
       z = hidden_states[layers]
     else:
       z = jnp.concatenate([hidden_states[i] for i in layers], axis=-1)
-    return z[:, 1:] if self.vision_feature_select_strategy == "default" else z
+    drop_cls = self.vision_family == "vit" and self.vision_feature_select_strategy == "default"
+    return z[:, 1:] if drop_cls else z
 
   @nn.compact
   def __call__(
@@ -163,7 +202,7 @@ class Model(nn.Module):
           f"input_ids hold {n_tokens} image tokens (id {self.image_token_id}) but "
           f"{images.shape[0]} image(s) give {n_feats} features ({self.num_image_tokens} per "
           "image); expand each image into its run of image tokens as the HF processor does")
-      _, vaux = vit.Model(name="vision", **kw, **dict(self.vision or {}))(images)
+      _, vaux = self._tower(name="vision", **kw)(images)
       z = self._select(vaux["hidden_states"])
       z = nn.with_logical_constraint(
         z, ("activation_batch", "activation_length", "activation_embed"))
