@@ -94,6 +94,15 @@ PAPER_TFLOPS = {"magnifierbench": {"flex": 17.1, "hd": 24.9, "xattn": 27.1},
                 "textvqa": {"flex": 17.1, "hd": 24.5, "xattn": 26.7}}
 TARGETS = {"flex_vs_hd_prefill": 0.60, "flex_vs_xattn_prefill": 0.55,
            "flex_decode_vs_llava_decode": 1.1, "batched_vs_batch1_per_sample": 1.0}
+# The targets are about the full model: with 2 of 32 LM layers (and 4 of 24 CLIP layers) the
+# run preset weighs the nine extra CLIP crops, which FlexAttention and the cross-attention baseline both
+# pay, far above the LM layers where they differ, so its ratios are reported, not judged.
+TARGETS_JUDGED_ON = {
+  "full": "these shapes (the full LLaVA-1.5-7B)",
+  "run": "highres_flops_compile_only_cpu.json (full 7B shapes); at 2 LM layers the shared CLIP "
+         "crops dominate, so these ratios are reported, not judged",
+  "quick": "highres_flops_compile_only_cpu.json (full 7B shapes); toy sizes are a smoke run",
+}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -514,7 +523,8 @@ def main(argv=None):
                "image_offset": args.image_offset, "new_tokens": args.new_tokens,
                "image_tokens": n_image, "hr_tokens": n_image * args.zoom ** 2,
                "inf_llava": "inf" in rows},
-    "models": rows, "ratios": rat, "targets": targets, "paper_tflops": PAPER_TFLOPS,
+    "models": rows, "ratios": rat, "targets": targets,
+    "targets_judged_on": TARGETS_JUDGED_ON[preset], "paper_tflops": PAPER_TFLOPS,
     "paper_ratios": {"flex_vs_hd": 17.1 / 24.9, "flex_vs_xattn": 17.1 / 27.1},
     "wall_s": time.perf_counter() - t0,
   }
