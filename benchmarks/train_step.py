@@ -3,6 +3,7 @@
   python benchmarks/train_step.py                      # tiny + mid (~100M params) on this machine
   python benchmarks/train_step.py --configs=mid --dtype=bfloat16 --peak_tflops=989   # e.g. on an H200
   python benchmarks/train_step.py --configs=of3b --dtype=bfloat16 --batch=16 --peak_tflops=989  # MFU
+  python benchmarks/train_step.py --against=open_flamingo   # beside open_flamingo's step, same weights
 
 FLOPs come from XLA's cost analysis of the compiled step, so frozen towers count forward only (their
 backward is never computed). On CPU the reference peak is this machine's measured dense matmul rate
@@ -158,7 +159,17 @@ def main() -> None:
   p.add_argument("--peak_tflops", type=float, default=0.0,
                  help="vendor peak for MFU (e.g. 989 for H100/H200 bf16); default: measured matmul rate")
   p.add_argument("--out", default="")
+  p.add_argument("--against", default="", choices=["", "open_flamingo"],
+                 help="time the OpenFlamingo-shaped model beside open_flamingo's own train step "
+                      "(benchmarks/against_open_flamingo.py; needs torch and open_flamingo)")
+  p.add_argument("--repeats", type=int, default=5, help="--against: best of this many calls")
   args = p.parse_args()
+  if args.against:
+    import against_open_flamingo  # imports torch: only for this mode
+    result = against_open_flamingo.run(repeats=args.repeats)
+    path = against_open_flamingo.write(result, args.out)
+    print(f"{against_open_flamingo.summary(result)} -> {path}")
+    return
   dev = jax.devices()[0]
   measured = matmul_peak_flops(jnp.dtype(args.dtype))
   peak = args.peak_tflops * 1e12 if args.peak_tflops else measured

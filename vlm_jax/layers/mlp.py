@@ -13,11 +13,37 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlm_jax.layers.linear import dense
 from vlm_jax.layers.norms import LayerNorm
 
 Dtype = Any
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2 (torch `nn.GELU()`).
+
+  The hand-written VJP, g * (Phi(x) + x * phi(x)), keeps Phi from the forward pass: autodiff of
+  `jax.nn.gelu` differentiates erf's erfc/select lowering, and on XLA:CPU that backward was 1.8x the
+  time of this one in a 512 x 384 x 1536 FeedForward (benchmarks/against_open_flamingo.py).
+  """
+  return gelu_fwd(x)[0]
+
+
+def gelu_fwd(x):
+  cdf = 0.5 * (1 + jax.lax.erf(x * np.asarray(0.7071067811865476, x.dtype)))
+  return x * cdf, (x, cdf)
+
+
+def gelu_bwd(res, g):
+  x, cdf = res
+  pdf = jnp.exp(-0.5 * x * x) * np.asarray(0.3989422804014327, x.dtype)  # phi(x) = exp(-x^2/2)/sqrt(2 pi)
+  return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(gelu_fwd, gelu_bwd)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -26,7 +52,7 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu": gelu,
   "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
   "quick_gelu": quick_gelu,
   "relu": jax.nn.relu,
