@@ -27,6 +27,7 @@ import numpy as np
 import openflamingo_ref as ref
 import torch
 from timing import best_time
+from train_step import matmul_peak_flops
 
 from vlm_jax.layers.gated_xattn import GatedCrossAttentionBlock, media_text_time
 from vlm_jax.layers.resampler import PerceiverResampler
@@ -69,9 +70,10 @@ def flops_of(compiled) -> float:
   return float(cost.get("flops", 0.0))
 
 
-def compile_timed(fn, *args, repeats: int, donate: bool = False) -> dict:
+def compile_timed(fn, *args, repeats: int, donate: bool = False, profile_dir: str = "") -> dict:
   """jit + compile `fn(*args)` -> {"time_s": best of `repeats`, "flops": XLA's count}. A donated
-  first argument (the train state) is threaded through the calls."""
+  first argument (the train state) is threaded through the calls; with `profile_dir` two calls
+  after the timing are traced there."""
   compiled = jax.jit(fn, donate_argnums=(0,) if donate else ()).lower(*args).compile()
   if donate:
     box = [args[0]]
@@ -82,6 +84,11 @@ def compile_timed(fn, *args, repeats: int, donate: bool = False) -> dict:
     seconds = best_time(call, *args[1:], reps=repeats)
   else:
     seconds = best_time(compiled, *args, reps=repeats)
+  if profile_dir:
+    run_once = call if donate else compiled
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(2):
+        jax.block_until_ready(run_once(*(args[1:] if donate else args)))
   return {"time_s": seconds, "flops": flops_of(compiled)}
 
 
@@ -136,8 +143,10 @@ def our_part_grads(parts: dict) -> dict:
   }
 
 
-def run(repeats: int = 5, lr: float = 1e-4, weight_decay: float = 0.1) -> dict:
-  """Builds both models, checks the first losses agree, times everything -> the JSON's dict."""
+def run(repeats: int = 5, lr: float = 1e-4, weight_decay: float = 0.1, profile_dir: str = "") -> dict:
+  """Builds both models, checks the first losses agree, times everything -> the JSON's dict. With
+  `profile_dir`, two more calls of our train step are traced there (`jax.profiler`, TensorBoard's
+  profile plugin or Perfetto) after the timing."""
   torch.set_num_threads(os.cpu_count())
   root = tempfile.mkdtemp(prefix="of_bench_")
   model, _, lm_dir, cfg_json = ref.build(root)
@@ -172,7 +181,8 @@ def run(repeats: int = 5, lr: float = 1e-4, weight_decay: float = 0.1) -> dict:
     ours_t[name] = compile_timed(fn, *args, repeats=repeats)
   for name, (fn, args) in our_part_grads(parts).items():
     ours_t[name] = compile_timed(fn, *args, repeats=repeats)
-  ours_t["train_step"] = compile_timed(step, state, batch, key, repeats=repeats, donate=True)
+  ours_t["train_step"] = compile_timed(step, state, batch, key, repeats=repeats, donate=True,
+                                       profile_dir=profile_dir)
 
   theirs = {"forward": {"time_s": best_time(trainer.loss, reps=repeats)}}
   for name, fn in trainer.part_fns().items():
@@ -193,9 +203,9 @@ def run(repeats: int = 5, lr: float = 1e-4, weight_decay: float = 0.1) -> dict:
     for side, key_ in (("vlm_jax", "vlm_jax_s"), ("open_flamingo", "open_flamingo_s")):
       rows[name][f"{side}_tokens_per_s"] = tokens / rows[name][key_]
       rows[name][f"{side}_images_per_s"] = images / rows[name][key_]
-  # The floor: the step's XLA-counted FLOPs at this machine's best dense matmul rate (2048^2 float32,
-  # as train_step.py measures it). No reordering of the same math runs faster than that.
-  matmul = 2 * 2048**3 / best_time(jax.jit(lambda a: a @ a), jnp.ones((2048, 2048)), reps=repeats)
+  # The floor: the step's XLA-counted FLOPs at this machine's best dense matmul rate. No reordering
+  # of the same math runs faster than that.
+  matmul = matmul_peak_flops(jnp.float32, reps=repeats)
   floor_s = rows["train_step"]["xla_flops"] / matmul
   dev = jax.devices()[0]
   return {

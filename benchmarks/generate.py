@@ -83,46 +83,26 @@ def _timed_torch(make, n: int, reps: int) -> tuple[float, float, int]:
 
 
 def _build_llama(root: str):
-  import tokenizers
+  import openflamingo_ref as ref  # imports torch
   import torch
   import transformers
-  from tokenizers import models, pre_tokenizers
   torch.manual_seed(0)
   hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MID_LLAMA)).eval()
   hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None
   hf.save_pretrained(root)
   # A word-level tokenizer over the whole vocabulary, for OpenFlamingo (which adds its 3 tokens).
-  words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(MID_LLAMA["vocab_size"] - 3)]
-  tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
-                                              unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                       eos_token="</s>").save_pretrained(root)
+  ref.word_tokenizer(root, MID_LLAMA["vocab_size"])
   return hf
 
 
 def _build_openflamingo(root: str, lm_dir: str):
-  import open_clip
-  import open_flamingo
+  import openflamingo_ref as ref
   import torch
   from open_flamingo.src import flamingo_lm
   # transformers 5's generate leaves attention_mask out of some forward calls; OpenFlamingo's
   # forward(input_ids, attention_mask, **kw) requires it positionally.
   flamingo_lm.FlamingoLMMixin.forward.__defaults__ = (None,)
-  cfg_dir = os.path.join(root, "open_clip_cfg")
-  os.makedirs(cfg_dir, exist_ok=True)
-  cfg_json = os.path.join(cfg_dir, "mid-vit.json")
-  with open(cfg_json, "w") as f:
-    json.dump(MID_VIT, f)
-  open_clip.add_model_config(cfg_dir)
-  torch.manual_seed(1)
-  model, _, tok = open_flamingo.create_model_and_transforms(
-    "mid-vit", None, lm_dir, lm_dir, cross_attn_every_n_layers=2,
-    decoder_layers_attr_name="model.layers")
-  with torch.no_grad():  # open gates so the images matter
-    for name, p in model.named_parameters():
-      if name.endswith(("attn_gate", "ff_gate")):
-        p.fill_(0.5)
+  model, tok, cfg_json = ref.openflamingo_model(root, lm_dir, "mid-vit", MID_VIT, every=2, gate=0.5)
   model.eval()
   full = os.path.join(root, "openflamingo.pt")
   torch.save(model.state_dict(), full)

@@ -40,7 +40,7 @@ SIZES = dict(image_size=224, patch_size=16, v_width=384, v_depth=6, v_head_width
              every=2, gate=0.5)
 
 
-def _tokenizer(path: str, vocab_size: int) -> None:
+def word_tokenizer(path: str, vocab_size: int) -> None:
   """A WordLevel tokenizer of exactly `vocab_size` tokens (3 specials + words) saved into `path`."""
   specials = ["<unk>", "<s>", "</s>"]
   vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
@@ -57,39 +57,48 @@ def _llama_dir(path: str, s: dict) -> None:
     num_attention_heads=s["lm_heads"], num_key_value_heads=s["lm_kv_heads"],
     intermediate_size=s["lm_mlp"], rms_norm_eps=1e-5, tie_word_embeddings=False))
   lm.save_pretrained(path)
-  _tokenizer(path, s["vocab_size"])
+  word_tokenizer(path, s["vocab_size"])
 
 
-def _vision_json(path: str, s: dict) -> None:
+def _vision_cfg(s: dict) -> dict:
   """An open_clip model config: the ViT as given, a one-layer text tower (never run)."""
-  cfg = {"embed_dim": 256, "quick_gelu": True,
-         "vision_cfg": {"image_size": s["image_size"], "layers": s["v_depth"], "width": s["v_width"],
-                        "head_width": s["v_head_width"], "patch_size": s["patch_size"]},
-         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1}}
-  with open(path, "w") as f:
-    json.dump(cfg, f)
+  return {"embed_dim": 256, "quick_gelu": True,
+          "vision_cfg": {"image_size": s["image_size"], "layers": s["v_depth"], "width": s["v_width"],
+                         "head_width": s["v_head_width"], "patch_size": s["patch_size"]},
+          "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1}}
+
+
+def openflamingo_model(root: str, lm_dir: str, name: str, vision_cfg: dict, every: int,
+                       gate: float):
+  """open_flamingo's factory on the HF LM in `lm_dir` and the open_clip config `vision_cfg`
+  (registered as `name` from `root`/open_clip_cfg) -> (model, tokenizer, config JSON path). The tanh
+  gates are set to `gate`: at OpenFlamingo's init value 0 the images would not change the outputs,
+  and in training only the gates would get gradients."""
+  cfg_dir = os.path.join(root, "open_clip_cfg")
+  os.makedirs(cfg_dir, exist_ok=True)
+  cfg_json = os.path.join(cfg_dir, f"{name}.json")
+  with open(cfg_json, "w") as f:
+    json.dump(vision_cfg, f)
+  open_clip.add_model_config(cfg_dir)
+  torch.manual_seed(1)
+  model, _, tok = open_flamingo.create_model_and_transforms(
+    name, None, lm_dir, lm_dir, cross_attn_every_n_layers=every,
+    decoder_layers_attr_name="model.layers")
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      if pname.endswith(("attn_gate", "ff_gate")):
+        p.fill_(gate)
+  return model, tok, cfg_json
 
 
 def build(root: str, sizes: dict | None = None):
-  """-> (open_flamingo Flamingo model, tokenizer, lm dir, open_clip config JSON), every file under
-  `root`. The tanh gates are set to `sizes["gate"]` (at OpenFlamingo's init value 0 the images would
-  not change the loss, and the gates alone would get gradients)."""
+  """-> (open_flamingo Flamingo model, tokenizer, lm dir, open_clip config JSON) at `SIZES` (updated
+  by `sizes`), every file under `root`."""
   s = {**SIZES, **(sizes or {})}
-  cfg_dir = os.path.join(root, "open_clip_cfg")
-  os.makedirs(cfg_dir, exist_ok=True)
-  cfg_json = os.path.join(cfg_dir, "bench-vit.json")
-  _vision_json(cfg_json, s)
-  open_clip.add_model_config(cfg_dir)
   lm_dir = os.path.join(root, "lm")
   _llama_dir(lm_dir, s)
-  torch.manual_seed(1)
-  model, _, tok = open_flamingo.create_model_and_transforms(
-    "bench-vit", None, lm_dir, lm_dir, cross_attn_every_n_layers=s["every"],
-    decoder_layers_attr_name="model.layers")
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith(("attn_gate", "ff_gate")):
-        p.fill_(s["gate"])
+  model, tok, cfg_json = openflamingo_model(root, lm_dir, "bench-vit", _vision_cfg(s), s["every"],
+                                            s["gate"])
   return model, tok, lm_dir, cfg_json
 
 

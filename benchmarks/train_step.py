@@ -4,6 +4,7 @@
   python benchmarks/train_step.py --configs=mid --dtype=bfloat16 --peak_tflops=989   # e.g. on an H200
   python benchmarks/train_step.py --configs=of3b --dtype=bfloat16 --batch=16 --peak_tflops=989  # MFU
   python benchmarks/train_step.py --against=open_flamingo   # beside open_flamingo's step, same weights
+  python benchmarks/train_step.py --against=open_flamingo --profile_dir=runs/profile_of  # + a trace
 
 FLOPs come from XLA's cost analysis of the compiled step, so frozen towers count forward only (their
 backward is never computed). On CPU the reference peak is this machine's measured dense matmul rate
@@ -163,10 +164,12 @@ def main() -> None:
                  help="time the OpenFlamingo-shaped model beside open_flamingo's own train step "
                       "(benchmarks/against_open_flamingo.py; needs torch and open_flamingo)")
   p.add_argument("--repeats", type=int, default=5, help="--against: best of this many calls")
+  p.add_argument("--profile_dir", default="",
+                 help="--against: trace two of our train steps there (jax.profiler; Perfetto JSON too)")
   args = p.parse_args()
   if args.against:
     import against_open_flamingo  # imports torch: only for this mode
-    result = against_open_flamingo.run(repeats=args.repeats)
+    result = against_open_flamingo.run(repeats=args.repeats, profile_dir=args.profile_dir)
     path = against_open_flamingo.write(result, args.out)
     print(f"{against_open_flamingo.summary(result)} -> {path}")
     return
