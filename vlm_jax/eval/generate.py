@@ -110,8 +110,8 @@ class _ModelKey:
 
 
 def map_cache_rows(fn: Callable[[jax.Array, int], jax.Array], caches: Any) -> Any:
-  """fn(array, batch_axis) over the k/v buffers of every KVCache in `caches` (per layer [B, S, K, D]
-  or stacked [L, B, S, K, D]); the write indices are shared by all rows and stay."""
+  """fn(array, batch_axis) over the k/v buffers of every KVCache in `caches` (per layer [B, K, S, D]
+  or stacked [L, B, K, S, D]); the write indices are shared by all rows and stay."""
   def one(c):
     return KVCache(fn(c.k, c.k.ndim - 4), fn(c.v, c.v.ndim - 4), c.index) if isinstance(
       c, KVCache) else c

@@ -36,7 +36,11 @@ Dtype = Any
 class KVCache:
   """Preallocated keys/values of one attention layer.
 
-  k, v: float[B, S_max, K, D]; index: int32[] = number of positions already written.
+  k, v: float[B, K, S_max, D] (heads before positions, as HF's cache); index: int32[] = number of
+  positions already written. Why heads-major: a decode step's q.k and p.v are dots batched over
+  (B, K) that contract over D and S; XLA:CPU wants those batch axes leading, and with [B, S, K, D]
+  it copied every layer's whole cache into that layout on every token (half of a batch-16 decode
+  step; `benchmarks/generate.py`).
   """
 
   k: jax.Array
@@ -45,8 +49,19 @@ class KVCache:
 
   @classmethod
   def zeros(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32):
-    shape = (batch, max_len, num_kv_heads, head_dim)
+    shape = (batch, num_kv_heads, max_len, head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[-2]
+
+  def update(self, k: jax.Array, v: jax.Array) -> "KVCache":
+    """Write this call's k, v: float[B, T, K, D] at positions index .. index+T-1."""
+    start = (0, 0, self.index, 0)
+    ck = jax.lax.dynamic_update_slice(self.k, jnp.swapaxes(k, 1, 2).astype(self.k.dtype), start)
+    cv = jax.lax.dynamic_update_slice(self.v, jnp.swapaxes(v, 1, 2).astype(self.v.dtype), start)
+    return KVCache(ck, cv, self.index + k.shape[1])
 
 
 def causal_padding_mask(
@@ -113,23 +128,27 @@ def dot_product_attention(
   bias: jax.Array | None = None,
   scale: float | None = None,
   return_probs: bool = False,
+  kv_heads_first: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-  """q: float[B, T, N, D]; k, v: float[B, S, K, D] with N % K == 0 (GQA); mask: bool[B, 1|N, T, S];
-  bias: float[B|1, N, T, S] added to the logits (ALiBi). Returns (out float[B, T, N, D],
-  probs float32[B, N, T, S] or None). Masked logits get the most negative finite value (never -inf, so
-  all-masked rows stay finite; callers zero them where the method says so)."""
+  """q: float[B, T, N, D]; k, v: float[B, S, K, D], or float[B, K, S, D] with `kv_heads_first` (the
+  KVCache layout), N % K == 0 (GQA); mask: bool[B, 1|N, T, S]; bias: float[B|1, N, T, S] added to
+  the logits (ALiBi). Returns (out float[B, T, N, D], probs float32[B, N, T, S] or None). Masked
+  logits get the most negative finite value (never -inf, so all-masked rows stay finite; callers
+  zero them where the method says so)."""
   b, t, n, d = q.shape
-  kh = k.shape[2]
+  kh = k.shape[1 if kv_heads_first else 2]
   if n % kh:
     raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({kh})")
   scale = d**-0.5 if scale is None else scale
-  if not return_probs:
+  if not return_probs and not kv_heads_first:
     # jax adds a float32 bias to float32 logits even for bf16 q/k: ALiBi keeps its precision.
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     return out, None
+  # Explicit: the probabilities are wanted, or k/v are a cache's [B, K, S, D] (read in place).
+  kv = "bksd" if kv_heads_first else "bskd"
   g = n // kh
   qg = q.reshape(b, t, kh, g, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
   logits = logits.reshape(b, n, t, -1)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
@@ -137,8 +156,8 @@ def dot_product_attention(
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   pg = probs.reshape(b, kh, g, t, -1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", pg, v).reshape(b, t, n, d)
-  return out, probs
+  out = jnp.einsum(f"bkgts,{kv}->btkgd", pg, v).reshape(b, t, n, d)
+  return out, probs if return_probs else None
 
 
 class SelfAttention(nn.Module):
@@ -205,12 +224,10 @@ class SelfAttention(nn.Module):
       k = apply_rope(k, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
     new_cache = None
     if cache is not None:
-      start = (0, cache.index, 0, 0)
-      ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-      cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-      new_cache = KVCache(ck, cv, cache.index + x.shape[1])
-      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    out, probs = dot_product_attention(q, k, v, mask, bias=bias, return_probs=return_probs)
+      new_cache = cache.update(k, v)
+      k, v = new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype)
+    out, probs = dot_product_attention(q, k, v, mask, bias=bias, return_probs=return_probs,
+                                       kv_heads_first=cache is not None)
     out = dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), use_bias=self.out_bias,
                 name="o", **kw)(out)
     return out, {"cache": new_cache, "probs": probs}

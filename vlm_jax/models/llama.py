@@ -321,7 +321,7 @@ class Model(nn.Module):
                          "scan; pass a LayerGroup (see the module docstring)")
       if caches is not None and not isinstance(caches, KVCache):
         raise ValueError("lm.scan_layers: caches must be the one stacked KVCache "
-                         "(k: [L, B, S, K, D]) that init_caches builds for a scanned model, not a "
+                         "(k: [L, B, K, S, D]) that init_caches builds for a scanned model, not a "
                          "list per layer")
       if layer_group is not None:
         if layer_group.size < 1 or self.num_layers % layer_group.size:
@@ -404,8 +404,8 @@ class Model(nn.Module):
 
   @nn.nowrap
   def init_caches(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache] | KVCache:
-    """Empty KV caches for generation: one per layer, float[B, max_len, K, D]; with scan_layers one
-    stacked KVCache, k/v float[L, B, max_len, K, D] and index int32[L]."""
+    """Empty KV caches for generation: one per layer, k/v float[B, K, max_len, D]; with scan_layers
+    one stacked KVCache, k/v float[L, B, K, max_len, D] and index int32[L]."""
     one = KVCache.zeros(batch, max_len, self.kv_heads, self.dim_per_head, dtype)
     if self.scan_layers:
       return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), one)
@@ -417,4 +417,4 @@ def _cache_index(caches: Sequence[KVCache] | KVCache) -> jax.Array:
 
 
 def _cache_length(caches: Sequence[KVCache] | KVCache) -> int:
-  return caches.k.shape[2] if isinstance(caches, KVCache) else caches[0].k.shape[1]
+  return caches.max_len if isinstance(caches, KVCache) else caches[0].max_len

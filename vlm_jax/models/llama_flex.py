@@ -24,11 +24,10 @@ import functools
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vlm_jax.layers import hierarchical as hl
-from vlm_jax.layers.attention import KVCache, causal_padding_mask
+from vlm_jax.layers.attention import causal_padding_mask
 from vlm_jax.layers.embeddings import token_embed
 from vlm_jax.layers.linear import dense
 from vlm_jax.layers.mlp import SwiGlu
@@ -74,11 +73,9 @@ class FlexAttention(nn.Module):
     k = apply_rope(k, positions, theta=self.rope_theta)
     new_cache = None
     if cache is not None:  # append this call's keys/values (as layers.attention.SelfAttention)
-      start = (0, cache.index, 0, 0)
-      ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-      cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-      new_cache = KVCache(ck, cv, cache.index + x.shape[1])
-      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+      new_cache = cache.update(k, v)
+      # hierarchical_attention takes [B, S, K, D] (the cache is [B, K, S, D]).
+      k, v = (jnp.swapaxes(a, 1, 2).astype(q.dtype) for a in (new_cache.k, new_cache.v))
     k_hd_proj = dense(kv_shape, kv_axes, use_bias=self.qkv_bias, name="k_hd", **kw)
     v_hd_proj = dense(kv_shape, kv_axes, use_bias=self.qkv_bias, name="v_hd", **kw)
     if hr_kv is not None:  # decoding: the prefill's HR keys/values, cached
@@ -199,7 +196,7 @@ class Model(llama.Model):
     b, t = input_ids.shape
     offset = 0 if caches is None else caches[0].index
     if attention_mask is None:
-      attention_mask = jnp.ones((b, t if caches is None else caches[0].k.shape[1]), jnp.int32)
+      attention_mask = jnp.ones((b, t if caches is None else caches[0].max_len), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t) + offset, (b, t))
     mask = causal_padding_mask(attention_mask, q_offset=offset, num_queries=t)

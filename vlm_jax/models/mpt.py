@@ -47,7 +47,7 @@ class DecoderLayer(nn.Module):
     del positions  # ALiBi uses buffer indices (see the module docstring)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     offset = 0 if cache is None else cache.index
-    num_keys = x.shape[1] if cache is None else cache.k.shape[1]
+    num_keys = x.shape[1] if cache is None else cache.max_len
     # [1, N, T, S]: one batch row's worth of attention logits, which XLA's attention materialises
     # anyway. Built here, not in Model, so the layer keeps LLaMA's signature; under jit XLA shares
     # the identical computation across layers.

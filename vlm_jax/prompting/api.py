@@ -191,15 +191,15 @@ def image_attention(q: jax.Array, positions: jax.Array, keys: jax.Array, image_s
                     *, rope_theta: float) -> jax.Array:
   """The newest query's head-mean attention over the image keys, softmax within the image.
 
-  q: float[B, 1, H, d] before RoPE; positions: int[B, 1]; keys: float[B, S, K, d] (the layer's
-  cache, RoPE applied, GQA K | H); image_slots: int[B, P] cache positions of the image tokens.
+  q: float[B, 1, H, d] before RoPE; positions: int[B, 1]; keys: float[B, K, S, d] (the layer's
+  KVCache.k, RoPE applied, GQA K | H); image_slots: int[B, P] cache positions of the image tokens.
   Returns float32[B, P].
   """
   b, _, h, d = q.shape
-  kh = keys.shape[2]
+  kh = keys.shape[1]
   q = apply_rope(q, positions, theta=rope_theta)[:, 0].reshape(b, kh, h // kh, d)
-  k = jnp.take_along_axis(keys, image_slots[:, :, None, None], axis=1)  # [B, P, K, d]
-  logits = jnp.einsum("bkgd,bpkd->bkgp", q, k, preferred_element_type=jnp.float32) * d**-0.5
+  k = jnp.take_along_axis(keys, image_slots[:, None, :, None], axis=2)  # [B, K, P, d]
+  logits = jnp.einsum("bkgd,bkpd->bkgp", q, k, preferred_element_type=jnp.float32) * d**-0.5
   return jax.nn.softmax(logits.reshape(b, h, -1), axis=-1).mean(axis=1)
 
 
