@@ -1,13 +1,17 @@
 """Generation benchmark: greedy decoding tokens/s of `vlm_jax.eval.generate` beside PyTorch on the
 same weights, and the time per decode step against the memory-bandwidth (and compute) floor.
 
-  python benchmarks/generate.py                          # mid LLaMA + mid Flamingo, batch 1 and 16
+  python benchmarks/generate.py                # 3 models at batch 1, 16 and 32, LLaMA in bf16 too
   python benchmarks/generate.py --models=llama --batches=1 --new_tokens=16              # quicker
 
 Models (random weights, float32): a mid LLaMA (768 wide, 8 layers, 8k vocab, ~69M params) built as a
-transformers `LlamaForCausalLM` and converted with `load_hf_lm`; and a mid OpenFlamingo on that LM
+transformers `LlamaForCausalLM` and converted with `load_hf_lm`; a mid OpenFlamingo on that LM
 (open_clip ViT 384x6 at 112 px, OpenFlamingo's 6-layer resampler with 64 latents, xattn every 2nd
-layer) built with the `open_flamingo` package and converted with `load_openflamingo`. The PyTorch
+layer) built with the `open_flamingo` package and converted with `load_openflamingo`; and the
+OpenFlamingo-shaped model `train_step.py --against=open_flamingo` trains (`flamingo_train`: ViT
+224/16 384x6, LLaMA 512x8 with 8/4 heads). With --bf16=1 the LLaMA also decodes with bf16 weights
+and KV cache (`vlm_jax.eval.cast_for_decoding`); its rows report that speed, its bandwidth floor
+(half the bytes) and how many ids equal the float32 run's. The PyTorch
 references are transformers' `generate` and OpenFlamingo's `generate` (both with their KV caches,
 OpenFlamingo with its cached media); every row is forced to the full length (min_new_tokens) so
 both sides make the same number of tokens, and the ids are compared.
@@ -42,8 +46,8 @@ from train_step import matmul_peak_flops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from vlm_jax.convert import load_hf_lm, load_openflamingo  # noqa: E402
-from vlm_jax.eval import generate  # noqa: E402
+from vlm_jax.convert import load_hf_lm  # noqa: E402
+from vlm_jax.eval import cast_for_decoding, generate  # noqa: E402
 
 MID_LLAMA = dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
                  num_attention_heads=12, num_key_value_heads=12, rms_norm_eps=1e-5,
@@ -95,20 +99,32 @@ def _build_llama(root: str):
   return hf
 
 
-def _build_openflamingo(root: str, lm_dir: str):
-  import openflamingo_ref as ref
-  import torch
+def _generate_ready(model, tok):
+  """An open_flamingo model in eval mode, able to `generate` under transformers 5, and the ids of
+  its special tokens."""
   from open_flamingo.src import flamingo_lm
   # transformers 5's generate leaves attention_mask out of some forward calls; OpenFlamingo's
   # forward(input_ids, attention_mask, **kw) requires it positionally.
   flamingo_lm.FlamingoLMMixin.forward.__defaults__ = (None,)
-  model, tok, cfg_json = ref.openflamingo_model(root, lm_dir, "mid-vit", MID_VIT, every=2, gate=0.5)
   model.eval()
-  full = os.path.join(root, "openflamingo.pt")
-  torch.save(model.state_dict(), full)
-  ids = {t: tok.encode(t)[-1] for t in ("<image>", "<|endofchunk|>", "<PAD>")}
-  ours, params = load_openflamingo(full, lm=lm_dir, vision=cfg_json, cross_attn_every_n_layers=2,
-                                   vision_tokens="post_ln_post")
+  return model, {t: tok.encode(t)[-1] for t in ("<image>", "<|endofchunk|>", "<PAD>")}
+
+
+def _build_openflamingo(root: str, lm_dir: str):
+  """The mid OpenFlamingo on the mid LLaMA in `lm_dir`."""
+  import openflamingo_ref as ref
+  model, tok, cfg_json = ref.openflamingo_model(root, lm_dir, "mid-vit", MID_VIT, every=2, gate=0.5)
+  model, ids = _generate_ready(model, tok)
+  ours, params = ref.convert(model, root, lm_dir, cfg_json, every=2)
+  return model, ours, params, ids
+
+
+def _build_train_shaped(root: str):
+  """The model `benchmarks/train_step.py --against=open_flamingo` trains (openflamingo_ref.SIZES)."""
+  import openflamingo_ref as ref
+  model, tok, lm_dir, cfg_json = ref.build(root)
+  model, ids = _generate_ready(model, tok)
+  ours, params = ref.convert(model, root, lm_dir, cfg_json, ref.SIZES["every"])
   return model, ours, params, ids
 
 
@@ -140,18 +156,24 @@ def _decode_floors(weight_bytes: int, cache_bytes_per_token: int, attn_flops_per
   return read / bandwidth, flops / peak
 
 
+def _timed_ours(run, n: int, reps: int):
+  """run(k) -> ids of k new tokens: (ids of n, first call s, best s for n tokens, for n // 2)."""
+  t0 = time.perf_counter()
+  out = run(n)
+  compile_s = time.perf_counter() - t0
+  run(n // 2)  # compile the half-length program too
+  return (out, compile_s, best_time(lambda: run(n), reps=reps),
+          best_time(lambda: run(n // 2), reps=reps))
+
+
 def bench_llama(hf, model, params, batch: int, n: int, reps: int, bandwidth: float,
-                peak: float) -> dict:
+                peak: float, bf16: bool) -> dict:
   import torch
   ids, mask = _prompts(batch, MID_LLAMA["vocab_size"], None)
 
-  def ours(k):
-    return lambda: np.asarray(generate(model, params, ids, mask, max_new_tokens=k))
-  t0 = time.perf_counter()
-  out = ours(n)()
-  compile_s = time.perf_counter() - t0
-  ours(n // 2)()  # compile the half-length program too
-  t_full, t_half = best_time(ours(n), reps=reps), best_time(ours(n // 2), reps=reps)
+  def ours(m, p):
+    return lambda k: np.asarray(generate(m, p, ids, mask, max_new_tokens=k))
+  out, compile_s, t_full, t_half = _timed_ours(ours(model, params), n, reps)
 
   def theirs(k):
     def run():
@@ -166,27 +188,36 @@ def bench_llama(hf, model, params, batch: int, n: int, reps: int, bandwidth: flo
   kv_width = model.num_layers * model.kv_heads * model.dim_per_head
   floors = _decode_floors(weights, 2 * kv_width * 4, 4 * model.num_layers * model.hidden_size,
                           0, 0, batch, n, bandwidth, peak)
-  return _row("llama_mid", batch, n, out, ref, compile_s, (t_full, t_half),
-              (t_torch, t_torch_half, threads), floors, _nbytes(params))
+  row = _row("llama_mid", batch, n, out, ref, compile_s, (t_full, t_half),
+             (t_torch, t_torch_half, threads), floors, _nbytes(params))
+  if bf16:
+    out16, _, t16_full, t16_half = _timed_ours(ours(*cast_for_decoding(model, params)), n, reps)
+    step16 = (t16_full - t16_half) / (n - n // 2)
+    floor16 = _decode_floors(weights // 2, 2 * kv_width * 2, 0, 0, 0, batch, n, bandwidth, peak)[0]
+    row.update({
+      "bf16_tokens_per_s": batch * n / t16_full, "bf16_speedup_vs_torch": t_torch / t16_full,
+      "bf16_decode_step_ms": 1e3 * step16, "bf16_bandwidth_floor_step_ms": 1e3 * floor16,
+      # Per position, and per row up to its first difference (a flip changes what follows).
+      "bf16_ids_match_fp32_fraction": float(np.mean(out16 == out)),
+      "bf16_first_token_match_fp32_fraction": float(np.mean(out16[:, 0] == out[:, 0])),
+      "bf16_agreeing_prefix_mean_tokens": float(np.mean(np.argmin(
+        np.concatenate([out16 == out, np.zeros((batch, 1), bool)], 1), axis=1))),
+    })
+  return row
 
 
-def bench_flamingo(of, model, params, tok_ids, batch: int, n: int, reps: int,
-                   bandwidth: float, peak: float) -> dict:
+def bench_flamingo(name, of, model, params, tok_ids, batch: int, n: int, reps: int,
+                   bandwidth: float, peak: float, *, vocab: int, image_size: int) -> dict:
   import torch
   media, eoc = tok_ids["<image>"], tok_ids["<|endofchunk|>"]
-  ids, mask = _prompts(batch, MID_LLAMA["vocab_size"], media)
-  s = MID_VIT["vision_cfg"]["image_size"]
+  ids, mask = _prompts(batch, vocab, media)
+  s = image_size
   vx = np.random.default_rng(1).normal(size=(batch, 1, s, s, 3)).astype(np.float32)
-  kw = dict(max_new_tokens=n, min_new_tokens=n, stop_token_ids=(eoc,))
 
   def ours(k):
-    return lambda: np.asarray(generate(model, params, ids, mask, vision_x=vx,
-                                       **{**kw, "max_new_tokens": k, "min_new_tokens": k}))
-  t0 = time.perf_counter()
-  out = ours(n)()
-  compile_s = time.perf_counter() - t0
-  ours(n // 2)()
-  t_full, t_half = best_time(ours(n), reps=reps), best_time(ours(n // 2), reps=reps)
+    return np.asarray(generate(model, params, ids, mask, vision_x=vx, max_new_tokens=k,
+                               min_new_tokens=k, stop_token_ids=(eoc,)))
+  out, compile_s, t_full, t_half = _timed_ours(ours, n, reps)
   vision_x = torch.tensor(vx).permute(0, 1, 4, 2, 3).unsqueeze(2)  # [B, T_img, F, C, H, W]
 
   def theirs(k):
@@ -216,7 +247,7 @@ def bench_flamingo(of, model, params, tok_ids, batch: int, n: int, reps: int,
   attn_flops = 4 * lm_cfg["num_layers"] * lm_cfg["hidden_size"]
   floors = _decode_floors(weights, 2 * kv_width * 4, attn_flops, 2 * batch * media_width * 4,
                           4 * batch * media_width, batch, n, bandwidth, peak)
-  return _row("flamingo_mid", batch, n, out, ref, compile_s, (t_full, t_half),
+  return _row(name, batch, n, out, ref, compile_s, (t_full, t_half),
               (t_torch, t_torch_half, threads), floors, _nbytes(params))
 
 
@@ -242,8 +273,12 @@ def _row(name, batch, n, out, ref, compile_s, ours, torch_, floors, n_bytes) -> 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--models", default="llama,flamingo")
-  p.add_argument("--batches", default="1,16")
+  p.add_argument("--models", default="llama,flamingo,flamingo_train",
+                 help="llama: the mid LLaMA; flamingo: the mid OpenFlamingo on it; flamingo_train: "
+                      "the OpenFlamingo-shaped model of train_step.py --against=open_flamingo")
+  p.add_argument("--batches", default="1,16,32")
+  p.add_argument("--bf16", type=int, default=1,
+                 help="1: also time the LLaMA with bf16 weights (eval.cast_for_decoding) beside float32")
   p.add_argument("--new_tokens", type=int, default=32)
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--bandwidth_gbs", type=float, default=0.0,
@@ -270,13 +305,22 @@ def main() -> None:
       model, params = load_hf_lm(lm_dir)
       for b in batches:
         rows.append(bench_llama(hf, model, params, b, args.new_tokens, args.reps, bandwidth,
-                                peak))
+                                peak, bool(args.bf16)))
         print(json.dumps(rows[-1]))
-    if "flamingo" in models:
-      of, model, params, tok_ids = _build_openflamingo(root, lm_dir)
+    import openflamingo_ref as ref
+    flamingos = {
+      "flamingo": ("flamingo_mid", lambda: _build_openflamingo(root, lm_dir),
+                   MID_LLAMA["vocab_size"], MID_VIT["vision_cfg"]["image_size"]),
+      "flamingo_train": ("flamingo_train_shapes",
+                         lambda: _build_train_shaped(os.path.join(root, "train_shapes")),
+                         ref.SIZES["vocab_size"], ref.SIZES["image_size"])}
+    for key, (name, build, vocab, image_size) in flamingos.items():
+      if key not in models:
+        continue
+      of, model, params, tok_ids = build()
       for b in batches:
-        rows.append(bench_flamingo(of, model, params, tok_ids, b, args.new_tokens, args.reps,
-                                   bandwidth, peak))
+        rows.append(bench_flamingo(name, of, model, params, tok_ids, b, args.new_tokens,
+                                   args.reps, bandwidth, peak, vocab=vocab, image_size=image_size))
         print(json.dumps(rows[-1]))
   out = {"benchmark": "generate", "machine": {
            "platform": dev.platform, "device_kind": dev.device_kind,
@@ -298,6 +342,8 @@ def main() -> None:
     f"{r['model']} b{r['batch']}: {r['ours_tokens_per_s']:.0f} tok/s "
     f"({r['speedup_vs_torch']:.2f}x torch), {r['ours_decode_step_ms']:.1f} ms/step "
     f"(torch {r['torch_decode_step_ms']:.1f}) vs {r['floor_step_ms']:.1f} ms floor"
+    + (f"; bf16 {r['bf16_decode_step_ms']:.1f} ms/step ({r['bf16_speedup_vs_torch']:.2f}x torch, "
+       f"{r['bf16_ids_match_fp32_fraction']:.2f} of ids = fp32)" if "bf16_decode_step_ms" in r else "")
     for r in rows)
   print(f"generate on {dev.device_kind} [float32, {bandwidth / 1e9:.1f} GB/s] -> {path}: {summary}")
 

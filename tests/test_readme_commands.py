@@ -83,7 +83,7 @@ def test_train_killed_at_first_checkpoint_resumes_then_eval_and_generate(cwd):
   # README: python -m vlm_jax.generate --config=... --checkpoint=conv/of3b --image a.jpg --prompt ...
   Image.fromarray(np.full((40, 40, 3), (220, 35, 35), np.uint8)).save(cwd / "a.png")
   out = _python(cwd, "-m", "vlm_jax.generate", "--config=configs/flamingo.py:tiny",
-                "--checkpoint=runs/x", "--image", "a.png", "--max_new_tokens=2",
+                "--checkpoint=runs/x", "--image", "a.png", "--max_new_tokens=2", "--dtype=bfloat16",
                 "--prompt", "<image>Question: What colour is the shape? Answer:")
   assert out.stdout.strip()
 

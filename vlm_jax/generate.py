@@ -35,10 +35,13 @@ def define_flags() -> dict:
     top_k=flags.DEFINE_integer("top_k", 0, "sampling: keep the k best tokens (0 = all)"),
     top_p=flags.DEFINE_float("top_p", 1.0, "sampling: nucleus mass"),
     seed=flags.DEFINE_integer("seed", 0, "sampling seed"),
+    dtype=flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                            "decode with the weights in this dtype (bfloat16: half the bytes read)"),
   )
 
 
-def run(config, checkpoint: str | None, images: list[str], prompt: str, **decode) -> str:
+def run(config, checkpoint: str | None, images: list[str], prompt: str, dtype: str = "float32",
+        **decode) -> str:
   """Loads the model and params, generates after `prompt`; returns the decoded new text."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -47,7 +50,7 @@ def run(config, checkpoint: str | None, images: list[str], prompt: str, **decode
   from vlm_jax.data.records import BadRecord  # pylint: disable=g-import-not-at-top
   from vlm_jax.data.special_tokens import MEDIA_TOKEN  # pylint: disable=g-import-not-at-top
   from vlm_jax.data.tokenizer import tokenizer_and_special_ids  # pylint: disable=g-import-not-at-top
-  from vlm_jax.eval.generate import generate  # pylint: disable=g-import-not-at-top
+  from vlm_jax.eval.generate import cast_for_decoding, generate  # pylint: disable=g-import-not-at-top
   from vlm_jax.eval.inputs import stack_vision  # pylint: disable=g-import-not-at-top
   from vlm_jax.train import restore  # pylint: disable=g-import-not-at-top
 
@@ -55,9 +58,11 @@ def run(config, checkpoint: str | None, images: list[str], prompt: str, **decode
     raise ValueError(f"--prompt has {prompt.count(MEDIA_TOKEN)} {MEDIA_TOKEN} tokens but "
                      f"{len(images)} --image files were given")
   loaded = restore.load_for_eval(config, checkpoint=checkpoint)
-  model = loaded.model
+  model, params = loaded.model, loaded.params
   if not hasattr(model, "media_token_id"):
     raise ValueError("vlm_jax.generate runs Flamingo models (config.model_name='flamingo')")
+  if dtype != "float32":
+    model, params = cast_for_decoding(model, params, dtype)
   size = int(dict(model.vision or {}).get("image_size", 224))
   tok, ids = tokenizer_and_special_ids(config.data.tokenizer)
   pixels = []
@@ -69,7 +74,7 @@ def run(config, checkpoint: str | None, images: list[str], prompt: str, **decode
   # At least one image slot: a text-only prompt attends to none (its text_time stays 0).
   vision_x = stack_vision([pixels], max(1, len(pixels)), size)
   input_ids = np.asarray([tok.encode(prompt, add_special_tokens=True).ids], np.int32)
-  out = generate(model, loaded.params, input_ids, np.ones_like(input_ids),
+  out = generate(model, params, input_ids, np.ones_like(input_ids),
                  stop_token_ids=(ids["endofchunk"],), pad_token_id=ids["pad"],
                  rng=jax.random.PRNGKey(decode.pop("seed", 0)), mesh=loaded.mesh,
                  rules=loaded.rules, vision_x=vision_x, **decode)
@@ -90,7 +95,7 @@ def main(argv, fl: dict) -> None:
   config = fl["config"].value
   paths.resolve_config(config)
   decode = {k: fl[k].value for k in ("max_new_tokens", "num_beams", "length_penalty", "do_sample",
-                                     "temperature", "top_k", "top_p", "seed")}
+                                     "temperature", "top_k", "top_p", "seed", "dtype")}
   print(run(config, paths.resolve(fl["checkpoint"].value),
             [paths.resolve(p) for p in fl["image"].value], fl["prompt"].value, **decode))
 

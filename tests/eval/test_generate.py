@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from tests.eval.hf_reference import (  # noqa: E402
   HF_LMS, INPUTS, MASK, PAD, build_hf_lm, hf_generate, positions)
 from vlm_jax.convert import load_hf_lm  # noqa: E402
-from vlm_jax.eval import generate  # noqa: E402
+from vlm_jax.eval import cast_for_decoding, generate  # noqa: E402
 from vlm_jax.eval.generate import DecodeOptions, _generate_jit, warp  # noqa: E402
 
 N = 8
@@ -164,3 +164,35 @@ def test_bad_inputs_get_clear_errors(llama):
     generate(model, params, INPUTS, MASK, max_new_tokens=2, do_sample=True)
   with pytest.raises(ValueError, match="top_p"):
     generate(model, params, INPUTS, MASK, max_new_tokens=2, top_p=0.0)
+
+
+def test_bf16_weights_option_halves_the_bytes_and_keeps_the_clear_argmaxes(llama):
+  """cast_for_decoding: bf16 params, bf16 KV caches, float32 logits within bf16's error of the
+  float32 model's; where float32's top-2 margin exceeds twice that error, the greedy choice is the
+  same; the cached bf16 decode equals the bf16 full forward (the cache keeps what was written)."""
+  _, model, params = llama
+  m16, p16 = cast_for_decoding(model, params)
+  floats = [a for a in jax.tree.leaves(p16) if jnp.issubdtype(a.dtype, jnp.floating)]
+  assert floats and all(a.dtype == jnp.bfloat16 for a in floats)
+  assert sum(a.nbytes for a in floats) * 2 == sum(a.nbytes for a in jax.tree.leaves(params))
+  assert m16.init_caches(2, 8)[0].k.dtype == jnp.bfloat16
+  ref, _ = model.apply({"params": params}, INPUTS, MASK)
+  got, _ = m16.apply({"params": p16}, INPUTS, MASK)
+  assert got.dtype == jnp.float32
+  ref, got = np.asarray(ref), np.asarray(got)
+  err = np.abs(got - ref).max()
+  assert err < 0.05 * np.abs(ref).max(), err
+  top2 = np.sort(ref, axis=-1)[..., -2:]
+  clear = (top2[..., 1] - top2[..., 0]) > 2 * err
+  assert clear.sum() >= 1
+  np.testing.assert_array_equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+  # Greedy bf16 decode = argmax of the bf16 full forward over prompt + generated tokens.
+  ids = np.asarray(generate(m16, p16, INPUTS, MASK, max_new_tokens=4, pad_token_id=PAD))
+  full_ids = np.concatenate([INPUTS, ids[:, :-1]], 1)
+  full_mask = np.concatenate([MASK, np.ones_like(ids[:, :-1])], 1)
+  logits, _ = m16.apply({"params": p16}, full_ids, full_mask, positions(full_mask))
+  logits = np.asarray(logits)[:, INPUTS.shape[1] - 1:]
+  top2 = np.sort(logits, axis=-1)[..., -2:]
+  clear = (top2[..., 1] - top2[..., 0]) > 2 * err  # both bf16: no flip of a clear choice
+  assert clear.mean() > 0.5
+  np.testing.assert_array_equal(logits.argmax(-1)[clear], ids[clear])

@@ -161,7 +161,7 @@ class _Flamingo(_LM):
     return logits[:, -1], aux["lm"]["caches"]
 
   def repeat_extra(self, extra, k):
-    # MediaKV leaves: [B, T_img, R, H, D], or [G, B, ...] stacked per scanned group.
+    # MediaKV leaves: [B, H, T_img, R, D], or [G, B, ...] stacked per scanned group.
     kv = jax.tree.map(lambda a: jnp.repeat(a, k, axis=a.ndim - 5), extra["media_kv"])
     return {"media_kv": kv, "text_time": jnp.repeat(extra["text_time"], k, axis=0)}
 
@@ -216,6 +216,17 @@ def _adapter(model: nn.Module) -> _LM:
   raise TypeError(f"generate: no decoding support for {type(model).__module__}."
                   f"{type(model).__name__}; expected an LM of vlm_jax.models (llama, gpt_neox, "
                   "mpt), flamingo.Model or llava.Model")
+
+
+def cast_for_decoding(model: nn.Module, params: Any, dtype: Any = jnp.bfloat16):
+  """(model computing in `dtype`, params with every floating leaf cast to `dtype`): the low-precision
+  weights option of decoding. A bf16 step reads half the weight and KV-cache bytes (`init_caches`
+  follows the model's dtype); the logits are still returned in float32. Params loaded in bf16
+  (`load_hf_lm(..., param_dtype="bfloat16")`, `convert --dtype bfloat16`) are kept as they are."""
+  dtype = jnp.dtype(dtype)
+  cast = jax.tree.map(
+    lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+  return model.clone(dtype=dtype), cast
 
 
 # -------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def class_token_ids(tokenizer, class_names) -> list[list[int]]:
 
 def _take_rows(state_caches, media_kv, rows: jax.Array):
   """Rows `rows` of the prefill's KV caches (batch axis ndim - 4; write indices shared) and media
-  keys/values (MediaKV leaves [.., B, T_img, R, H, D])."""
+  keys/values (MediaKV leaves [.., B, H, T_img, R, D])."""
   caches = map_cache_rows(lambda a, axis: jnp.take(a, rows, axis=axis), state_caches)
   return caches, jax.tree.map(lambda a: jnp.take(a, rows, axis=a.ndim - 5), media_kv)
 

@@ -40,8 +40,8 @@ Dtype = Any
 class MediaKV:
   """The media's cross-attention keys and values of one xattn block.
 
-  k, v: float[B, T_img, R, H, D] (heads H of dim D); a leading [G] axis when stacked per scanned
-  group.
+  k, v: float[B, H, T_img, R, D] (heads H of dim D; heads-major as `KVCache`, so that decode steps
+  read them in place); a leading [G] axis when stacked per scanned group.
   """
 
   k: jax.Array
@@ -91,18 +91,21 @@ class MaskedCrossAttention(nn.Module):
       media_flat = media.reshape(b, t_img * r, dv).astype(self.dtype)
       k = dense(hd, ("embed", "heads", "kv"), name="k", **kw)(media_flat)
       v = dense(hd, ("embed", "heads", "kv"), name="v", **kw)(media_flat)
-      media_kv = MediaKV(k.reshape(b, t_img, r, *hd), v.reshape(b, t_img, r, *hd))
+      media_kv = MediaKV(*(jnp.swapaxes(a, 1, 2).reshape(b, self.heads, t_img, r, self.dim_head)
+                           for a in (k, v)))
+      heads_first = False
     else:
-      t_img, r = media_kv.k.shape[1:3]
-      k = media_kv.k.reshape(b, t_img * r, *hd).astype(self.dtype)
-      v = media_kv.v.reshape(b, t_img * r, *hd).astype(self.dtype)
+      t_img, r = media_kv.k.shape[2:4]
+      k, v = (a.reshape(b, self.heads, t_img * r, self.dim_head).astype(self.dtype)
+              for a in (media_kv.k, media_kv.v))
+      heads_first = True
     allowed = media_attention_mask(text_time, t_img, self.only_attend_immediate_media)
     has_media = allowed.any(-1)  # [B, T_txt]; False before the first <image>
     # Rows that may see no image would be all-masked; let them attend anywhere (finite on every
     # backend, cuDNN included) and zero their output below, as OpenFlamingo zeroes their probs.
     allowed = allowed | ~has_media[..., None]
     mask = jnp.repeat(allowed, r, axis=-1)[:, None]  # [B, 1, T_txt, T_img * R]
-    out, _ = dot_product_attention(q, k, v, mask)
+    out, _ = dot_product_attention(q, k, v, mask, kv_heads_first=heads_first)
     out = jnp.where(has_media[..., None, None], out, jnp.zeros_like(out))
     out = dense(d, ("heads", "kv", "embed"), axis=(-2, -1), name="o", **kw)(out)
     return out, {"media_mask": allowed & has_media[..., None], "media_kv": media_kv}

@@ -403,10 +403,12 @@ class Model(nn.Module):
     return (LayerStack("layers_{i}", "layers", tuple(range(self.num_layers))),)
 
   @nn.nowrap
-  def init_caches(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache] | KVCache:
+  def init_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache] | KVCache:
     """Empty KV caches for generation: one per layer, k/v float[B, K, max_len, D]; with scan_layers
-    one stacked KVCache, k/v float[L, B, K, max_len, D] and index int32[L]."""
-    one = KVCache.zeros(batch, max_len, self.kv_heads, self.dim_per_head, dtype)
+    one stacked KVCache, k/v float[L, B, K, max_len, D] and index int32[L]. dtype defaults to the
+    model's compute dtype."""
+    one = KVCache.zeros(batch, max_len, self.kv_heads, self.dim_per_head,
+                        self.dtype if dtype is None else dtype)
     if self.scan_layers:
       return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), one)
     return [one for _ in range(self.num_layers)]
