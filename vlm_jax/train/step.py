@@ -37,19 +37,19 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable) 
       return model_loss(apply, batch)
 
     (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def keep_if_finite(new, old):
-      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def apply(operands):
+      trainable, opt_state = operands
+      updates, opt_state = tx.update(grads, opt_state, trainable)
+      return optax.apply_updates(trainable, updates), opt_state
 
-    new_state = state.replace(
-      step=state.step + 1,
-      trainable=keep_if_finite(trainable, state.trainable),
-      opt_state=keep_if_finite(opt_state, state.opt_state),
-    )
+    # A branch, not a select of new and old: the update then runs in place in the donated buffers
+    # (a select keeps both alive, so XLA copies all of params and optimizer state every step).
+    trainable, opt_state = jax.lax.cond(finite, apply, lambda operands: operands,
+                                        (state.trainable, state.opt_state))
+    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     n = jnp.maximum(aux["num_tokens"], 1)
     metrics = {
       "loss": loss,
