@@ -24,15 +24,23 @@ IGNORE = -100
 
 
 def next_token_ce(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
-  """logits: float[B, T, V]; labels: int32[B, T] -> (scalar loss, {"num_tokens", "correct"})."""
-  logits = logits[:, :-1].astype(jnp.float32)
+  """logits: float[B, T, V]; labels: int32[B, T] -> (scalar loss, {"num_tokens", "correct"}).
+
+  loss = mean over valid t of logsumexp(logits_t) - logits_t[label_{t+1}]. "correct" counts the
+  valid positions whose label's logit is the row's maximum (a tie for the maximum counts as
+  correct): this reuses the log-sum-exp's max, where an argmax is a second variadic reduction over
+  [B, T, V] that cost 9 ms of a 750 ms OpenFlamingo train step on XLA:CPU.
+  """
+  x = logits[:, :-1].astype(jnp.float32)
   targets = labels[:, 1:]
   valid = targets != IGNORE
   safe = jnp.where(valid, targets, 0)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  top = jax.lax.stop_gradient(x.max(-1, keepdims=True))  # logsumexp is shift-invariant
+  lse = jnp.log(jnp.exp(x - top).sum(-1)) + top[..., 0]
+  label_logit = jnp.take_along_axis(x, safe[..., None], -1)[..., 0]
   n = valid.sum()
-  loss = jnp.where(valid, ce, 0.0).sum() / jnp.maximum(n, 1)
-  correct = jnp.where(valid, logits.argmax(-1) == safe, False).sum()
+  loss = jnp.where(valid, lse - label_logit, 0.0).sum() / jnp.maximum(n, 1)
+  correct = jnp.where(valid, label_logit >= top[..., 0], False).sum()
   return loss, {"num_tokens": n, "correct": correct}
 
 
