@@ -29,6 +29,7 @@ import torch
 from timing import best_time
 from train_step import matmul_peak_flops
 
+from vlm_jax import host_malloc
 from vlm_jax.layers.gated_xattn import GatedCrossAttentionBlock, media_text_time
 from vlm_jax.layers.resampler import PerceiverResampler
 from vlm_jax.models import model_class
@@ -212,7 +213,8 @@ def run(repeats: int = 5, lr: float = 1e-4, weight_decay: float = 0.1, profile_d
     "benchmark": "train_step_against_open_flamingo",
     "machine": {"platform": dev.platform, "device_kind": dev.device_kind, "cpu_count": os.cpu_count(),
                 "host": platform.node(), "jax": jax.__version__, "torch": torch.__version__,
-                "torch_threads": torch.get_num_threads()},
+                "torch_threads": torch.get_num_threads(),
+                "host_malloc_tuned": host_malloc.configure()},
     "sizes": ref.SIZES, "batch": BATCH, "repeats": repeats, "timing": "best of repeats",
     "trainable_params": {"vlm_jax": int(n_trainable), "open_flamingo": int(n_torch)},
     "first_loss": {"vlm_jax": jax_loss, "open_flamingo": torch_loss, "atol": LOSS_ATOL},

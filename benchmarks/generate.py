@@ -46,6 +46,7 @@ from train_step import matmul_peak_flops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from vlm_jax import host_malloc  # noqa: E402
 from vlm_jax.convert import load_hf_lm  # noqa: E402
 from vlm_jax.eval import cast_for_decoding, generate  # noqa: E402
 
@@ -326,7 +327,8 @@ def main() -> None:
            "platform": dev.platform, "device_kind": dev.device_kind,
            "num_devices": jax.device_count(),
            "cpu_count": os.cpu_count(), "host": platform.node(), "jax": jax.__version__,
-           "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+           "host_malloc_tuned": host_malloc.configure()},
          "dtype": "float32", "decoding": "greedy",
          "bandwidth_bytes_per_s": bandwidth,
          "bandwidth_source": "stated" if args.bandwidth_gbs else "measured_jax_sum_256MiB",
