@@ -18,6 +18,29 @@ def _vector_param(module: nn.Module, name: str, init, d: int, dtype) -> jax.Arra
   return module.param(name, nn.with_logical_partitioning(init, ("embed",)), (d,), dtype)
 
 
+def standardize(x: jax.Array, epsilon: float) -> jax.Array:
+  """float32 (x - mean) / sqrt(var + eps) over the last axis: LayerNorm before its affine."""
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  return (xf - mean) * jax.lax.rsqrt(var + epsilon)
+
+
+class LayerNormAffine(nn.Module):
+  """Only the params of a `LayerNorm` (same names, init and axis names): -> (scale, bias or None),
+  float[D] each, for a layer that applies the affine itself (`resampler.norm_project`)."""
+
+  use_bias: bool = True
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, d: int) -> tuple[jax.Array, jax.Array | None]:
+    scale = _vector_param(self, "scale", nn.initializers.ones_init(), d, self.param_dtype)
+    bias = (_vector_param(self, "bias", nn.initializers.zeros_init(), d, self.param_dtype)
+            if self.use_bias else None)
+    return scale, bias
+
+
 class LayerNorm(nn.Module):
   """y = (x - mean) / sqrt(var + eps) * scale + bias over the last axis.  x: float[..., D]."""
 
@@ -30,10 +53,7 @@ class LayerNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
     scale = _vector_param(self, "scale", nn.initializers.ones_init(), d, self.param_dtype)
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    y = standardize(x, self.epsilon) * scale.astype(jnp.float32)
     if self.use_bias:
       bias = _vector_param(self, "bias", nn.initializers.zeros_init(), d, self.param_dtype)
       y = y + bias.astype(jnp.float32)
