@@ -16,7 +16,7 @@ def _torch_loss(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarr
                                            torch.tensor(labels[:, 1:]).reshape(-1).long(),
                                            ignore_index=IGNORE)
   loss.backward()
-  return float(loss), x.grad.numpy()
+  return float(loss.detach()), x.grad.numpy()
 
 
 def test_next_token_ce_equals_torch_loss_gradient_and_argmax_hits():
