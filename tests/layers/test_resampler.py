@@ -120,3 +120,36 @@ def test_gradients_of_params_media_and_latents_equal_autodiff_of_the_equation():
     np.testing.assert_allclose(np.asarray(g), np.asarray(dict(wnt)[path]), rtol=1e-4, atol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
   assert float(jnp.abs(got[0]["norm_media"]["bias"]).max()) > 1e-3  # the terms are exercised
+
+
+def test_bf16_compute_dtype_runs_every_media_projection_matmul_in_bf16():
+  """norm_project follows the module's compute dtype (forward and both backward matmuls in bf16,
+  accumulated in float32) and stays within bf16's error of the float32 result."""
+  from flax import linen as nn
+
+  from vlm_jax.layers.resampler import PerceiverAttention
+
+  rng = np.random.default_rng(6)
+  media = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
+  lat = jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)
+  m32 = PerceiverAttention(heads=2, dim_head=4)
+  m16 = PerceiverAttention(heads=2, dim_head=4, dtype=jnp.bfloat16)
+  params = nn.unbox(m32.init(jax.random.PRNGKey(0), media, lat)["params"])
+  want = np.asarray(m32.apply({"params": params}, media, lat))
+  got = m16.apply({"params": params}, media, lat)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05 * np.abs(want).max())
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(m16.apply({"params": p}, media, lat)
+                                                    .astype(jnp.float32))))(params)
+
+  def dots(jx):
+    for e in jx.eqns:
+      if e.primitive.name == "dot_general":
+        yield e
+      for sub in jax.core.jaxprs_in_params(e.params):
+        yield from dots(sub)
+  # The media rows' matmuls: an operand with the 2 * 7 = 14 media rows (xhat, g, or their transposes).
+  media_dots = [e for e in dots(jaxpr.jaxpr)
+                if any(14 in v.aval.shape and v.aval.ndim == 2 for v in e.invars)]
+  assert len(media_dots) == 6, len(media_dots)  # k and v: forward, M = xhat^T g, dxhat
+  assert all(v.aval.dtype == jnp.bfloat16 for e in media_dots for v in e.invars)

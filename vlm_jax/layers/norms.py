@@ -18,6 +18,14 @@ def _vector_param(module: nn.Module, name: str, init, d: int, dtype) -> jax.Arra
   return module.param(name, nn.with_logical_partitioning(init, ("embed",)), (d,), dtype)
 
 
+def _affine_params(module: nn.Module, d: int, use_bias: bool, dtype
+                   ) -> tuple[jax.Array, jax.Array | None]:
+  """A LayerNorm's (scale float[D] = 1, bias float[D] = 0 or None)."""
+  scale = _vector_param(module, "scale", nn.initializers.ones_init(), d, dtype)
+  bias = _vector_param(module, "bias", nn.initializers.zeros_init(), d, dtype) if use_bias else None
+  return scale, bias
+
+
 def standardize(x: jax.Array, epsilon: float) -> jax.Array:
   """float32 (x - mean) / sqrt(var + eps) over the last axis: LayerNorm before its affine."""
   xf = x.astype(jnp.float32)
@@ -35,10 +43,7 @@ class LayerNormAffine(nn.Module):
 
   @nn.compact
   def __call__(self, d: int) -> tuple[jax.Array, jax.Array | None]:
-    scale = _vector_param(self, "scale", nn.initializers.ones_init(), d, self.param_dtype)
-    bias = (_vector_param(self, "bias", nn.initializers.zeros_init(), d, self.param_dtype)
-            if self.use_bias else None)
-    return scale, bias
+    return _affine_params(self, d, self.use_bias, self.param_dtype)
 
 
 class LayerNorm(nn.Module):
@@ -51,11 +56,9 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
-    scale = _vector_param(self, "scale", nn.initializers.ones_init(), d, self.param_dtype)
+    scale, bias = _affine_params(self, x.shape[-1], self.use_bias, self.param_dtype)
     y = standardize(x, self.epsilon) * scale.astype(jnp.float32)
-    if self.use_bias:
-      bias = _vector_param(self, "bias", nn.initializers.zeros_init(), d, self.param_dtype)
+    if bias is not None:
       y = y + bias.astype(jnp.float32)
     return y.astype(self.dtype)
 
