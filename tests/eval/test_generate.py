@@ -15,7 +15,7 @@ from tests.eval.hf_reference import (  # noqa: E402
   HF_LMS, INPUTS, MASK, PAD, build_hf_lm, hf_generate, positions)
 from vlm_jax.convert import load_hf_lm  # noqa: E402
 from vlm_jax.eval import cast_for_decoding, generate  # noqa: E402
-from vlm_jax.eval.generate import DecodeOptions, _generate_jit, warp  # noqa: E402
+from vlm_jax.eval.generate import DecodeOptions, _generate_jit, first_argmax, warp  # noqa: E402
 
 N = 8
 
@@ -141,6 +141,22 @@ def test_warpers_match_transformers(temperature, top_k, top_p, keep):
   np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
   np.testing.assert_allclose(got[~np.isinf(got)], ref[~np.isinf(ref)], rtol=1e-6)
   assert np.isinf(got).any() and (~np.isinf(got)).sum(-1).min() >= keep
+
+
+def test_first_argmax_is_torch_argmax_with_ties_nans_and_infinities():
+  """Greedy's token choice: the first maximum (torch.argmax and HF's greedy pick the first of
+  tied maxima; a NaN wins, as in torch and jnp.argmax)."""
+  s = np.random.default_rng(3).normal(size=(64, 300)).astype(np.float32)
+  s[1, [7, 200]] = s[1].max() + 1.0  # a tie: index 7
+  s[2, [250, 11]] = np.nan  # NaNs: the first, 11
+  s[3] = -np.inf
+  s[4, 90] = np.inf
+  s[5] = 0.0  # all tied: 0
+  s[6, -1] = s[6].max() + 1.0  # the last index
+  got = np.asarray(jax.jit(first_argmax)(jnp.asarray(s)))
+  ref = torch.argmax(torch.tensor(s), dim=-1).numpy()
+  np.testing.assert_array_equal(got, ref)
+  assert got.dtype == np.int32 and got[1:7].tolist() == [7, 11, 0, 90, 0, 299]
 
 
 def test_repeated_calls_reuse_the_compiled_program(llama):

@@ -246,6 +246,17 @@ def _is_stop(tok: jax.Array, opts: DecodeOptions) -> jax.Array:
   return out
 
 
+def first_argmax(scores: jax.Array) -> jax.Array:
+  """jnp.argmax(scores, -1) as int32[...] (the first maximum; the first NaN if any), written as
+  two plain reductions: a max, then the smallest index holding it. XLA:CPU lowers argmax to a
+  variadic (value, index) reduce that took 370 us for float32[16, 8192] against 86 us this way
+  (1.2 ms vs 0.25 ms at a 32k vocabulary), once per decode step."""
+  top = scores.max(-1, keepdims=True)  # NaN when the row holds one
+  hit = (scores == top) | jnp.isnan(scores)
+  idx = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(hit, idx, scores.shape[-1]), axis=-1)
+
+
 def top_k_filter(scores: jax.Array, k: int, min_tokens_to_keep: int = 1) -> jax.Array:
   """HF `TopKLogitsWarper`: float[..., V] -> scores with everything below the k-th largest at -inf
   (ties with the k-th are kept)."""
@@ -300,7 +311,7 @@ def _greedy(adapter, opts, params, logits, caches, extra, mask, first_pos, rng):
     if opts.do_sample:
       tok = jax.random.categorical(jax.random.fold_in(rng, i), warp(scores, opts), axis=-1)
     else:
-      tok = jnp.argmax(scores, axis=-1)
+      tok = first_argmax(scores)
     tok = jnp.where(finished, pad, tok.astype(jnp.int32))
     return tok, finished | _is_stop(tok, opts)
 

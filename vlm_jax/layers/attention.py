@@ -27,7 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vlm_jax.layers.linear import dense
 from vlm_jax.layers.norms import LayerNorm
-from vlm_jax.layers.rope import apply_rope
+from vlm_jax.layers.rope import apply_rope_table, rope_tables
 
 Dtype = Any
 
@@ -232,8 +232,8 @@ class SelfAttention(nn.Module):
       if positions is None:
         offset = 0 if cache is None else cache.index
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]) + offset, x.shape[:2])
-      q = apply_rope(q, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
-      k = apply_rope(k, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
+      cos, sin = rope_tables(positions, self.rotary_dim or self.head_dim, self.rope_theta)
+      q, k = apply_rope_table(q, cos, sin), apply_rope_table(k, cos, sin)
     new_cache = None
     if cache is not None:
       new_cache = cache.update(k, v)

@@ -217,13 +217,3 @@ def hr_rope_tables(image_start: jax.Array, num_image_tokens: int, head_dim: int,
     t = jnp.concatenate([f(ang)] * 2, -1).reshape(-1, g, g, head_dim)
     tables.append(resize(t, (hr_grid, hr_grid), "bicubic").reshape(-1, hr_grid ** 2, head_dim))
   return tables[0], tables[1]
-
-
-def apply_rope_table(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """RoPE with given per-token cos/sin rows (HF `rotate_half` layout): x [B, M, H, D];
-  cos, sin [B, M, D] (the HR keys' interpolated tables, gathered like the keys)."""
-  xf = x.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
-  return (xf * cos[:, :, None].astype(jnp.float32)
-          + rotated * sin[:, :, None].astype(jnp.float32)).astype(x.dtype)

@@ -32,7 +32,7 @@ from vlm_jax.layers.embeddings import token_embed
 from vlm_jax.layers.linear import dense
 from vlm_jax.layers.mlp import SwiGlu
 from vlm_jax.layers.norms import RMSNorm
-from vlm_jax.layers.rope import apply_rope
+from vlm_jax.layers.rope import apply_rope_table, rope_tables
 from vlm_jax.models import llama
 
 Dtype = Any
@@ -69,8 +69,8 @@ class FlexAttention(nn.Module):
               name="q", **kw)(x)
     k = dense(kv_shape, kv_axes, use_bias=self.qkv_bias, name="k", **kw)(x)
     v = dense(kv_shape, kv_axes, use_bias=self.qkv_bias, name="v", **kw)(x)
-    q = apply_rope(q, positions, theta=self.rope_theta)
-    k = apply_rope(k, positions, theta=self.rope_theta)
+    cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+    q, k = apply_rope_table(q, cos, sin), apply_rope_table(k, cos, sin)
     new_cache = None
     if cache is not None:  # append this call's keys/values (as layers.attention.SelfAttention)
       new_cache = cache.update(k, v)
@@ -87,7 +87,7 @@ class FlexAttention(nn.Module):
       k_hd = jnp.zeros((x.shape[0], m) + kv_shape, q.dtype)
       v_hd, hd_valid = k_hd, jnp.zeros((x.shape[0], x.shape[1], m), bool)
     else:
-      k_hd = hl.apply_rope_table(k_hd_proj(hr), hr_cos, hr_sin)
+      k_hd = apply_rope_table(k_hd_proj(hr), hr_cos, hr_sin)
       v_hd = v_hd_proj(hr)
     out = hl.hierarchical_attention(q, k, v, bias, k_hd, v_hd, hd_valid, alpha)
     out = dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name="o", **kw)(out)
