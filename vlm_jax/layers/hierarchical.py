@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.layers.rope import rope_tables
+
 NEG_INF = -1e30  # finite: a row whose selected slots are all invalid stays plain attention, no NaN
 
 
@@ -209,11 +211,7 @@ def hr_rope_tables(image_start: jax.Array, num_image_tokens: int, head_dim: int,
   from vlm_jax.layers.resize import resize  # pylint: disable=g-import-not-at-top
 
   g = math.isqrt(num_image_tokens)
-  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  pos = image_start.astype(jnp.float32)[:, None] + jnp.arange(num_image_tokens)
-  ang = pos[..., None] * inv                                                # [B, P, Dh/2]
-  tables = []
-  for f in (jnp.cos, jnp.sin):
-    t = jnp.concatenate([f(ang)] * 2, -1).reshape(-1, g, g, head_dim)
-    tables.append(resize(t, (hr_grid, hr_grid), "bicubic").reshape(-1, hr_grid ** 2, head_dim))
+  pos = image_start.astype(jnp.int32)[:, None] + jnp.arange(num_image_tokens)  # [B, P]
+  tables = [resize(t.reshape(-1, g, g, head_dim), (hr_grid, hr_grid), "bicubic")
+            .reshape(-1, hr_grid ** 2, head_dim) for t in rope_tables(pos, head_dim, theta)]
   return tables[0], tables[1]
