@@ -19,11 +19,14 @@ f = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x)).sum())  # 2 x 16 MB temporaries 
 x = jnp.ones((2048, 2048))
 for _ in range(5):
   f(x).block_until_ready()
-r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+faults = []
+for _ in range(21):
+  r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 20
-print(json.dumps({"applied": host_malloc.configure(), "faults_per_call": faults}))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+# The median call: the heap still grows by a 16 MB block now and then (other allocations land
+# between the freed blocks; more often on a loaded machine), which a mean over 20 calls counts.
+print(json.dumps({"applied": host_malloc.configure(), "faults_per_call": sorted(faults)[10]}))
 """
 
 
@@ -40,6 +43,6 @@ def test_import_keeps_freed_memory_and_xla_calls_stop_refaulting_pages():
   assert tuned["applied"] is True and default["applied"] is False
   # Without the settings each call maps its temporaries afresh: 2 x 16 MB is ~8k 4-KiB pages.
   assert default["faults_per_call"] > 4000, default
-  # Once the heap has grown to the calls' peak (the 5 warm-up calls), they reuse it: 0-800 faults a
-  # call over 5 runs here, against ~8400 every run without the settings.
+  # Once the heap has grown to the calls' peak (the 5 warm-up calls), the median call reuses it:
+  # 0 faults here, against ~8400 every call without the settings.
   assert tuned["faults_per_call"] < default["faults_per_call"] / 4, (tuned, default)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.layers.attention import KVCache, SelfAttention, causal_padding_mask, dot_product_attention
-from vlm_jax.layers.rope import apply_rope
+from vlm_jax.layers.rope import apply_rope, apply_rope_table, rope_tables
 
 
 def test_explicit_probs_path_equals_fused_path_with_gqa():
@@ -40,6 +40,22 @@ def test_rope_relative_property_and_reference():
   xn = np.asarray(x)[0, 0, 0]
   ref = xn * np.cos(ang) + np.concatenate([-xn[4:], xn[:4]]) * np.sin(ang)
   np.testing.assert_allclose(np.asarray(apply_rope(x, jnp.array([[2]])))[0, 0, 0], ref, atol=1e-6)
+
+
+def test_rope_tables_and_table_rotation_equal_apply_rope():
+  """cos/sin tables of angle = pos * theta^(-2i/d), duplicated over both halves, and the rotation
+  with given tables equal apply_rope for integer positions (the path decode and FlexAttention use)."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(2, 6, 3, 8)).astype(np.float32)
+  pos = np.array([[0, 3, 5, 7, 9, 11], [1, 2, 3, 4, 5, 6]])
+  inv = 1.0 / (10000.0 ** (np.arange(0, 8, 2) / 8))
+  ang = pos[..., None] * inv
+  cos, sin = np.concatenate([np.cos(ang)] * 2, -1), np.concatenate([np.sin(ang)] * 2, -1)
+  got_cos, got_sin = rope_tables(jnp.asarray(pos), 8, 10000.0)
+  np.testing.assert_allclose(np.asarray(got_cos).reshape(cos.shape), cos, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got_sin).reshape(sin.shape), sin, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(apply_rope_table(jnp.asarray(x), cos, sin)),
+                             np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos))), atol=1e-5)
 
 
 def test_kv_cache_decode_equals_full_forward():

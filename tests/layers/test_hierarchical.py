@@ -226,18 +226,6 @@ def test_budget_keeps_the_highest_scoring_blocks():
     [True, True, True, False]]
 
 
-def test_rope_table_equals_apply_rope_for_integer_positions():
-  from vlm_jax.layers.rope import apply_rope, apply_rope_table
-  rng = np.random.default_rng(5)
-  x = rng.normal(size=(2, 6, 3, 8)).astype(np.float32)
-  pos = np.array([[0, 3, 5, 7, 9, 11], [1, 2, 3, 4, 5, 6]])
-  inv = 1.0 / (10000.0 ** (np.arange(0, 8, 2) / 8))
-  ang = pos[..., None] * inv
-  cos, sin = np.concatenate([np.cos(ang)] * 2, -1), np.concatenate([np.sin(ang)] * 2, -1)
-  np.testing.assert_allclose(np.asarray(apply_rope_table(jnp.asarray(x), cos, sin)),
-                             np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos))), atol=1e-5)
-
-
 def test_hr_rope_tables_are_torch_bicubic_of_the_lr_span():
   cos, sin = hl.hr_rope_tables(jnp.array([5, 40]), 576, 16)
   inv = 1.0 / (10000.0 ** (np.arange(0, 16, 2) / 16))
